@@ -43,15 +43,18 @@ def check_same_layout(
 def chain_views(
     geometry: ChainGeometry, leaves: Sequence[Any]
 ) -> tuple[list[jax.Array], list[Optional[jax.Array]]]:
-  """Kernel views ``(T, in, out)`` (or ``(h,)``) and biases of one chain.
+  """Kernels and biases of one chain, in the compute dtype.
 
-  Views are in the compute dtype (float32 for 16-bit parameters).
+  Kernels keep their own shapes (``ecopt.paths`` reads them as
+  ``(taps, in, out)`` through ``LayerGeometry``): a reshape here would make
+  XLA copy every updated kernel instead of writing it in place. The compute
+  dtype is float32 for 16-bit parameters.
   """
   dtype = paths_lib.compute_dtype(leaves[geometry.layers[0].kernel_index].dtype)
   views, biases = [], []
   for layer in geometry.layers:
     kernel = jnp.asarray(leaves[layer.kernel_index])
-    views.append(kernel.reshape(layer.view_shape).astype(dtype))
+    views.append(kernel.astype(dtype))
     if layer.bias_index is None:
       biases.append(None)
     else:
@@ -69,7 +72,7 @@ def write_chain(
   """Writes per-layer results into ``out``, with the shapes/dtypes of ``like``."""
   for layer, view, bias in zip(geometry.layers, views, biases):
     ref = like[layer.kernel_index]
-    out[layer.kernel_index] = view.reshape(layer.shape).astype(ref.dtype)
+    out[layer.kernel_index] = view.astype(ref.dtype)
     if layer.bias_index is not None and bias is not None:
       ref = like[layer.bias_index]
       out[layer.bias_index] = bias.astype(ref.dtype)

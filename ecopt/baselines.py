@@ -62,7 +62,7 @@ def path_gammas(
     if layer.diagonal:
       g = sq * g_in[k - 1]
     else:
-      g = jnp.einsum("tij,i->j", sq, g_in[k - 1])
+      g = paths_lib.col_sums(sq * paths_lib.along_in(g_in[k - 1], layer), layer)
     if b is not None:
       g = g + b * b
     g_in.append(g)
@@ -73,7 +73,7 @@ def path_gammas(
     if layer.diagonal:
       g_out[k - 1] = sq * g_out[k]
     else:
-      g_out[k - 1] = jnp.einsum("tij,j->i", sq, g_out[k])
+      g_out[k - 1] = paths_lib.row_sums(sq * paths_lib.along_out(g_out[k], layer), layer)
   return g_in, g_out
 
 
@@ -94,7 +94,7 @@ def chain_kappa(
     kappa = paths_lib.along_in(g_in[k - 1], layer) * paths_lib.along_out(
         g_out[k], layer
     )
-    kappas.append(jnp.broadcast_to(kappa, layer.view_shape))
+    kappas.append(jnp.broadcast_to(kappa, layer.shape))
     bias_kappas.append(None if biases[k - 1] is None else g_out[k])
   return kappas, bias_kappas
 

@@ -106,9 +106,7 @@ def free_mask(params: Params, spec: spec_lib.Spec) -> Params:
   for geometry in structure.chains:
     for layer in geometry.layers[1:]:
       mask = paths_lib.out_skeleton_mask(layer)
-      out[layer.kernel_index] = jnp.broadcast_to(mask, layer.view_shape).reshape(
-          layer.shape
-      )
+      out[layer.kernel_index] = jnp.broadcast_to(mask, layer.shape)
   return jax.tree_util.tree_unflatten(treedef, out)
 
 

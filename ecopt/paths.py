@@ -43,43 +43,31 @@ def safe_reciprocal(x: jax.Array) -> jax.Array:
   return jnp.where(ok, 1.0 / jnp.where(ok, x, 1.0), 0.0).astype(x.dtype)
 
 
-def inputs_ok(
-    finite: Sequence[Optional[jax.Array]],
-    not_nan: Sequence[Optional[jax.Array]] = (),
+def damage(*xs: jax.Array) -> jax.Array:
+  """0 where every ``x`` is finite, NaN where one is not (elementwise).
+
+  ``0 * x`` is NaN exactly for non-finite ``x``, so sums of ``damage`` mark
+  damaged inputs without confusing them with an overflow of finite ones.
+  """
+  return functools.reduce(operator.add, [jnp.zeros((), x.dtype) * x for x in xs])
+
+
+def freeze_non_finite(
+    x: jax.Array, damaged: jax.Array, check: Optional[jax.Array] = None
 ) -> jax.Array:
-  """Scalar bool: ``finite`` arrays are all finite, ``not_nan`` free of NaN.
+  """``x`` where ``check`` (default ``x``) is finite; else 0, or NaN if damaged.
 
-  One reduction per array (cheaper to compile than one over a concatenation).
-  """
-  flags = [jnp.all(jnp.isfinite(x)) for x in finite if x is not None]
-  flags += [~jnp.any(jnp.isnan(x)) for x in not_nan if x is not None]
-  return functools.reduce(operator.and_, flags)
-
-
-def finite_or_poison(x: jax.Array, active: jax.Array) -> jax.Array:
-  """Non-finite entries of ``x`` become 0 if ``active``, else NaN.
-
-  Path-gradient guard (``docs/singular_charts.md``): for finite params and
-  gradients (``active``), a path gradient whose chart arithmetic overflowed
-  or hit ``0 * inf`` is 0, freezing its coordinate for the step. Otherwise
-  every non-finite entry becomes NaN, the marker that makes the weight
-  allocation propagate instead of guard, so NaN/Inf gradients reach the
-  updates as in optax. Finite entries pass through bit for bit.
-  """
-  fill = jnp.where(active, jnp.zeros((), x.dtype), jnp.full((), jnp.nan, x.dtype))
-  return jnp.where(jnp.isfinite(x), x, fill)
-
-
-def freeze_overflow(x: jax.Array, active: jax.Array, check=None) -> jax.Array:
-  """``x``, with 0 wherever ``check`` (default ``x``) is not finite.
-
-  Weight-update guard (``docs/singular_charts.md``): unless a path update is
-  NaN (``active`` False, then nothing is replaced and NaN propagates), an
-  entry whose update or new weight would overflow, or hit ``0 * inf``, is
-  frozen. Finite entries pass through bit for bit.
+  The per-entry guard of ``docs/singular_charts.md``: an entry whose own
+  inputs are finite but whose chart arithmetic overflowed, or hit
+  ``0 * inf``, is frozen (0); an entry whose own inputs are damaged
+  (``damaged`` True: a NaN or Inf gradient, a NaN path update) becomes NaN,
+  the marker that the weight allocation propagates instead of freezing, so
+  damage reaches the updates as in optax. Finite entries pass through bit
+  for bit. Elementwise, so XLA fuses it into the loop that computes ``x``.
   """
   check = x if check is None else check
-  return jnp.where(jnp.isfinite(check) | ~active, x, jnp.zeros((), x.dtype))
+  fill = jnp.where(damaged, jnp.full((), jnp.nan, x.dtype), jnp.zeros((), x.dtype))
+  return jnp.where(jnp.isfinite(check), x, fill)
 
 
 def compute_dtype(dtype: Any) -> Any:
@@ -110,56 +98,129 @@ def pad_to(x: jax.Array, n: int) -> jax.Array:
   return jnp.pad(x, (0, n - size))
 
 
-def in_skeleton(view: jax.Array, layer: LayerGeometry) -> jax.Array:
+def _entries(
+    kernel: jax.Array, layer: LayerGeometry, nodes: np.ndarray, cols: np.ndarray
+) -> jax.Array:
+  """``K[t*, nodes, cols]`` for static in-bounds indices, as one gather.
+
+  ``lax.gather`` directly: jnp indexing traces dozens of ops per call, and
+  the indices are static constants anyway.
+  """
+  window = np.broadcast_to(
+      np.asarray(layer.skeleton_window, np.int64), (len(nodes), len(layer.skeleton_window))
+  )
+  index = np.concatenate(
+      [window, (layer.skeleton_row + nodes)[:, None], cols[:, None]], axis=1
+  )
+  axes = tuple(range(kernel.ndim))
+  return jax.lax.gather(
+      kernel,
+      jnp.asarray(index, np.int32),
+      jax.lax.GatherDimensionNumbers(
+          offset_dims=(), collapsed_slice_dims=axes, start_index_map=axes
+      ),
+      slice_sizes=(1,) * kernel.ndim,
+      indices_are_sorted=True,
+      unique_indices=True,
+      mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
+
+
+def in_skeleton(kernel: jax.Array, layer: LayerGeometry) -> jax.Array:
   """``K[t*, j mod n_in, j]`` for ``j < n_out``: in-skeleton entries."""
   if layer.diagonal:
-    return view
+    return kernel
   cols = np.arange(layer.n_out)
-  return view[layer.skeleton_tap, cols % layer.n_in, cols]
+  return _entries(kernel, layer, cols % layer.n_in, cols)
 
 
-def out_skeleton(view: jax.Array, layer: LayerGeometry) -> jax.Array:
+def out_skeleton(kernel: jax.Array, layer: LayerGeometry) -> jax.Array:
   """``K[t*, i, i mod n_out]`` for ``i < n_in``: out-skeleton entries."""
   if layer.diagonal:
-    return view
+    return kernel
   rows = np.arange(layer.n_in)
-  return view[layer.skeleton_tap, rows, rows % layer.n_out]
+  return _entries(kernel, layer, rows, rows % layer.n_out)
 
 
-def _iotas(layer: LayerGeometry):
-  shape = layer.view_shape
-  return tuple(jax.lax.broadcasted_iota(jnp.int32, shape, d) for d in range(3))
+def _skeleton_mask(layer: LayerGeometry, out_edges: bool) -> jax.Array:
+  """Bool kernel-shaped mask of the in- (or out-) skeleton edges.
+
+  The kernel keeps its own shape ``(*window, rows, n_out)``; input node ``i``
+  at the skeleton tap is row ``skeleton_row + i``. Built from ``iota``
+  comparisons, so nothing is materialised: XLA evaluates it inside the loop
+  that uses it. Comparisons that are the identity are left out statically,
+  which keeps the fused loops and their compile time small.
+  """
+  shape = layer.shape
+  ndim = len(shape)
+  row = jax.lax.broadcasted_iota(jnp.int32, shape, ndim - 2)
+  col = jax.lax.broadcasted_iota(jnp.int32, shape, ndim - 1)
+  node = row - layer.skeleton_row if layer.skeleton_row else row
+  # lax.rem: indices here are >= 0 wherever the mask can be True.
+  if out_edges:  # column == node mod n_out, node in [0, n_in)
+    if layer.n_in > layer.n_out:
+      node = jax.lax.rem(node, jnp.int32(layer.n_out))
+    mask = col == node
+  else:  # node == column mod n_in
+    if layer.n_out > layer.n_in:
+      col = jax.lax.rem(col, jnp.int32(layer.n_in))
+    mask = node == col
+  if layer.positions > 1:
+    mask = mask & (row >= layer.skeleton_row) & (
+        row < layer.skeleton_row + layer.n_in
+    )
+  for axis, index in enumerate(layer.skeleton_window):
+    if shape[axis] > 1:
+      mask = mask & (jax.lax.broadcasted_iota(jnp.int32, shape, axis) == index)
+  return mask
 
 
 def in_skeleton_mask(layer: LayerGeometry) -> jax.Array:
-  """Bool array of the view's shape, True at in-skeleton positions."""
+  """Bool array of the kernel's shape, True at in-skeleton positions."""
   if layer.diagonal:
-    return jnp.ones(layer.view_shape, bool)
-  t, i, j = _iotas(layer)
-  return (t == layer.skeleton_tap) & (i == j % layer.n_in)
+    return jnp.ones(layer.shape, bool)
+  return _skeleton_mask(layer, out_edges=False)
 
 
 def out_skeleton_mask(layer: LayerGeometry) -> jax.Array:
-  """Bool array of the view's shape, True at out-skeleton positions."""
+  """Bool array of the kernel's shape, True at out-skeleton positions."""
   if layer.diagonal:
-    return jnp.ones(layer.view_shape, bool)
-  t, i, j = _iotas(layer)
-  return (t == layer.skeleton_tap) & (j == i % layer.n_out)
+    return jnp.ones(layer.shape, bool)
+  return _skeleton_mask(layer, out_edges=True)
 
 
 def along_in(x: jax.Array, layer: LayerGeometry) -> jax.Array:
-  """A per-input-node vector broadcast against the layer's view."""
-  return x if layer.diagonal else x[None, :, None]
+  """A per-input-node vector broadcast to the kernel's shape."""
+  if layer.diagonal:
+    return x
+  if layer.positions > 1:
+    x = jnp.tile(x, layer.positions)
+  return jax.lax.broadcast_in_dim(x, layer.shape, (len(layer.shape) - 2,))
 
 
 def along_out(x: jax.Array, layer: LayerGeometry) -> jax.Array:
-  """A per-output-node vector broadcast against the layer's view."""
-  return x if layer.diagonal else x[None, None, :]
+  """A per-output-node vector broadcast to the kernel's shape."""
+  if layer.diagonal:
+    return x
+  return jax.lax.broadcast_in_dim(x, layer.shape, (len(layer.shape) - 1,))
 
 
 def row_sums(x: jax.Array, layer: LayerGeometry) -> jax.Array:
   """Sum over all edges leaving each input node of the layer."""
-  return x if layer.diagonal else jnp.sum(x, axis=(0, 2))
+  if layer.diagonal:
+    return x
+  ndim = x.ndim
+  sums = jnp.sum(x, axis=tuple(a for a in range(ndim) if a != ndim - 2))
+  if layer.positions > 1:
+    sums = jnp.sum(sums.reshape(layer.positions, layer.n_in), axis=0)
+  return sums
+
+
+def col_sums(x: jax.Array, layer: LayerGeometry) -> jax.Array:
+  """Sum over all edges entering each output node of the layer."""
+  if layer.diagonal:
+    return x
+  return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
 
 
 # ------------------------------------------------------- chain products ---
@@ -259,34 +320,49 @@ def path_gradients(
   layers = geometry.layers
   n = len(layers)
   widths = geometry.widths
-  # R(k, j) and U(k, j) for hidden levels k = n-1 .. 1.
+  # R(k, j) and U(k, j) for hidden levels k = n-1 .. 1. D(k, j) is NaN where
+  # U(k, j) includes the gradient of a damaged (NaN/Inf) free weight: a free
+  # weight has no update of its own to carry the damage, so it is carried by
+  # the nearest in-skeleton path gradient upstream. Any other damaged entry
+  # carries it at its own position.
   U: list[Optional[jax.Array]] = [None] * n
+  D: list[Optional[jax.Array]] = [None] * n
   for k in range(n - 1, 0, -1):
     nxt = layers[k]  # layer k+1
+    g_o = out_skeleton(grads[k], nxt)
+    D[k] = damage(sk.o[k], g_o)
     if nxt.diagonal:
-      R = jnp.zeros((widths[k],), views[k].dtype)
+      U[k] = jnp.zeros((widths[k],), views[k].dtype)
     else:
-      R = row_sums(views[k] * grads[k], nxt) - sk.o[k] * out_skeleton(
-          grads[k], nxt
-      )
+      U[k] = row_sums(views[k] * grads[k], nxt) - sk.o[k] * g_o
     if k < n - 1:
-      R = R + pad_to(U[k + 1], widths[k])
-    U[k] = R
-  # Guard only finite inputs; otherwise mark the damage NaN so it propagates.
-  active = inputs_ok([*views, *grads, *bias_grads])
+      U[k] = U[k] + pad_to(U[k + 1], widths[k])
+      D[k] = D[k] + pad_to(D[k + 1], widths[k])
+  # Guard 3 per entry: overflow from finite inputs freezes the entry; an
+  # entry whose own inputs are damaged keeps its NaN/Inf, as in optax.
   out, out_bias = [], []
   for k, layer in enumerate(layers, start=1):
-    p = grads[k - 1] * inv_skeleton_product(sk, k, layer)
+    g = grads[k - 1]
+    dtype = g.dtype
+    p = (g * inv_skeleton_product(sk, k, layer)).astype(dtype)
+    p = freeze_non_finite(p, ~jnp.isfinite(g))
     if k < n:
-      phi_s = sk.a[k - 1] * in_skeleton(grads[k - 1], layer)
-      q = (phi_s - U[k]) * safe_reciprocal(in_skeleton_values(sk, k))
+      g_s = in_skeleton(g, layer)
+      q = (sk.a[k - 1] * g_s - U[k]) * safe_reciprocal(
+          in_skeleton_values(sk, k)
+      )
+      q = freeze_non_finite(
+          q.astype(dtype), ~jnp.isfinite(g_s) | jnp.isnan(D[k])
+      )
       p = jnp.where(in_skeleton_mask(layer), along_out(q, layer), p)
     if k > 1:
-      p = jnp.where(out_skeleton_mask(layer), 0.0, p)
-    out.append(finite_or_poison(p.astype(grads[k - 1].dtype), active))
+      p = jnp.where(out_skeleton_mask(layer), jnp.zeros((), dtype), p)
+    out.append(p)
     gb = bias_grads[k - 1]
     out_bias.append(
-        None if gb is None else finite_or_poison(gb * sk.inv_F[k], active)
+        None
+        if gb is None
+        else freeze_non_finite(gb * sk.inv_F[k], ~jnp.isfinite(gb))
     )
   return out, out_bias
 
@@ -314,16 +390,16 @@ def allocate(
   Guards (``g-space.md`` section 6, ``docs/singular_charts.md``): ``rho`` is
   clipped to ``[min_ratio, 1/eps]``, so an in-skeleton path value never
   reaches or crosses zero in one step, and ``r`` stays finite (a growth
-  beyond ``1/eps`` leaves the old value below the new one's rounding); unless a path update is NaN (or ``views`` not finite), an entry whose new
-  weight would not be finite is frozen (update 0). An infinite path update
-  (an inner optimizer that overflowed) is thus frozen or clipped; NaN, which
-  non-finite gradients become, propagates.
+  beyond ``1/eps`` leaves the old value below the new one's rounding). An
+  entry whose new weight would not be finite is frozen (update 0) unless its
+  own path update is NaN: an infinite path update (an inner optimizer that
+  overflowed) is thus frozen or clipped, while NaN, which non-finite
+  gradients become, propagates at its own position.
   """
   layers = geometry.layers
   n = len(layers)
   widths = geometry.widths
   dtype = views[0].dtype
-  active = inputs_ok(views, [*path_updates, *bias_path_updates])
   min_ratio = jnp.asarray(min_ratio, dtype)
   max_r = jnp.asarray(1 / jnp.finfo(dtype).eps - 1, dtype)
   r: list[jax.Array] = [jnp.zeros((widths[0],), dtype)]
@@ -348,10 +424,13 @@ def allocate(
       d = jnp.where(in_skeleton_mask(layer), d_s, d)
     if k > 1:
       d = jnp.where(out_skeleton_mask(layer), 0.0, d)
-    out.append(freeze_overflow(d, active, check=w + d))
+    dv = path_updates[k - 1]
+    out.append(freeze_non_finite(d, jnp.isnan(dv), check=w + d))
     dvb = bias_path_updates[k - 1]
     out_bias.append(
-        None if dvb is None else freeze_overflow(dvb * sk.inv_F[k], active)
+        None
+        if dvb is None
+        else freeze_non_finite(dvb * sk.inv_F[k], jnp.isnan(dvb))
     )
   return out, out_bias
 
@@ -369,10 +448,8 @@ def path_values(
   overflowed skeleton product) gives 0. A non-finite weight keeps a
   non-finite value.
   """
-  active = inputs_ok(views)
-
   def saturate(v, w):
-    return jnp.where(active & jnp.isfinite(w), jnp.nan_to_num(v), v)
+    return jnp.where(jnp.isfinite(w), jnp.nan_to_num(v), v)
 
   out, out_bias = [], []
   for k, layer in enumerate(geometry.layers, start=1):

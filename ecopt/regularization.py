@@ -63,7 +63,7 @@ def negative_mask(geometry: ChainGeometry, k: int, layer: LayerGeometry):
   These are the in-skeleton edges of hidden level ``k`` that are not free.
   """
   if k >= len(geometry.layers):
-    return jnp.zeros(layer.view_shape, bool)
+    return jnp.zeros(layer.shape, bool)
   not_free = ~paths_lib.free_in_skeleton(geometry, k)
   return paths_lib.in_skeleton_mask(layer) & paths_lib.along_out(
       jnp.asarray(not_free), layer

@@ -56,7 +56,32 @@ class LayerGeometry:
 
   @property
   def view_shape(self) -> tuple[int, ...]:
+    """The ``(taps, n_in, n_out)`` reading of the kernel (``(n,)`` if diagonal).
+
+    The array code works on the kernel in its own ``shape`` (reshaping a
+    kernel would cost XLA its in-place update); this is the shape it stands
+    for.
+    """
     return (self.n_out,) if self.diagonal else (self.taps, self.n_in, self.n_out)
+
+  @property
+  def positions(self) -> int:
+    """Input positions per node along the kernel's row axis (flatten: ``P``)."""
+    return 1 if self.diagonal else self.shape[-2] // self.n_in
+
+  @property
+  def skeleton_window(self) -> tuple[int, ...]:
+    """Index of the skeleton tap in the kernel's leading (window) axes."""
+    window = self.shape[:-2]
+    if not window:
+      return ()
+    flat = self.skeleton_tap // self.positions
+    return tuple(int(i) for i in np.unravel_index(flat, window))
+
+  @property
+  def skeleton_row(self) -> int:
+    """Row of input node 0 at the skeleton tap (``position * n_in``)."""
+    return (self.skeleton_tap % self.positions) * self.n_in
 
   @property
   def num_edges(self) -> int:
