@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import ecopt
+
+
+# Compiled once per shape: eager jax.random compiles several programs per call.
+@functools.partial(jax.jit, static_argnames=("widths", "bias", "dtype", "prefix", "away"))
+def _mlp_params(key, widths, *, bias, dtype, prefix, away):
+  return _draw_mlp_params(key, widths, bias=bias, dtype=dtype, prefix=prefix, away=away)
 
 
 def mlp_params(key, widths, *, bias=True, dtype=jnp.float64, prefix="l", away=False):
@@ -15,6 +23,10 @@ def mlp_params(key, widths, *, bias=True, dtype=jnp.float64, prefix="l", away=Fa
   With ``away``, every weight is +-U(0.5, 1.5): skeleton products stay away
   from zero, so a moderate step stays inside the regular chart.
   """
+  return _mlp_params(key, tuple(widths), bias=bias, dtype=dtype, prefix=prefix, away=away)
+
+
+def _draw_mlp_params(key, widths, *, bias, dtype, prefix, away):
   params = {}
   keys = jax.random.split(key, 2 * len(widths))
   for k in range(len(widths) - 1):
@@ -52,6 +64,7 @@ def mse_loss(params, x, y, n_layers, prefix="l"):
   return jnp.mean((mlp_apply(params, x, n_layers, prefix) - y) ** 2)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def data(key, n_in, n_out, batch=16, dtype=jnp.float64):
   kx, ky = jax.random.split(key)
   return (
@@ -61,9 +74,10 @@ def data(key, n_in, n_out, batch=16, dtype=jnp.float64):
 
 
 def rel_err(a, b):
-  a = jnp.asarray(a, jnp.float64)
-  b = jnp.asarray(b, jnp.float64)
-  return float(jnp.linalg.norm((a - b).ravel()) / (jnp.linalg.norm(b.ravel()) + 1e-300))
+  # numpy, not jnp: eager jnp compiles a small program for every new shape.
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  return float(np.linalg.norm((a - b).ravel()) / (np.linalg.norm(b.ravel()) + 1e-300))
 
 
 def tree_rel_err(a, b):

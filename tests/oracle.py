@@ -86,25 +86,36 @@ def free_set(kernels, diagonal, widths):
 
 
 def values(kernels, biases, diagonal):
-  """Basis-path value of every edge, by walking the skeleton per edge."""
+  """Basis-path value of every edge, by walking the skeleton per edge.
+
+  Plain numpy on concrete arrays (no per-scalar JAX dispatch); the result is
+  returned as JAX arrays of the kernels' dtypes.
+  """
+  kernels = [np.asarray(K) for K in kernels]
   widths = widths_of(kernels, diagonal)
   out_k, out_b = [], []
   for k, (K, d) in enumerate(zip(kernels, diagonal), start=1):
-    V = jnp.zeros_like(K)
+    V = np.zeros_like(K)
     for t, i, j in edges(K, d):
       v = entry(K, d, t, i, j) * walk_in(kernels, diagonal, widths, k - 1, i) * walk_out(
           kernels, diagonal, widths, k, j
       )
-      V = V.at[j if d else (t, i, j)].set(v)
-    out_k.append(V)
+      V[j if d else (t, i, j)] = v
+    out_k.append(jnp.asarray(V))
     b = biases[k - 1]
     if b is None:
       out_b.append(None)
     else:
+      b = np.asarray(b)
       out_b.append(
-          jnp.stack([b[j] * walk_out(kernels, diagonal, widths, k, j) for j in range(len(b))])
+          jnp.asarray(np.stack([b[j] * walk_out(kernels, diagonal, widths, k, j) for j in range(len(b))]))
       )
   return out_k, out_b
+
+
+def _flat(K, d, t, i, j):
+  """Position of edge (t, i, j) in the flattened layer (C order, like ``edges``)."""
+  return j if d else int(np.ravel_multi_index((t, i, j), K.shape))
 
 
 def weights_from(values_k, values_b, free_kernels, diagonal):
@@ -113,38 +124,43 @@ def weights_from(values_k, values_b, free_kernels, diagonal):
   ``free_kernels`` supplies the free weights (other entries are ignored).
   Layer by layer: every coordinate is ``v / (B(k-1, i) F(k, j))``; ``B`` of a
   node follows from its in-skeleton edge once that edge is known.
+
+  Which edge, node and free weight each entry uses is worked out node by node
+  in Python (index tables); the arithmetic then runs one layer at a time, so
+  that ``jax.grad`` of it traces and compiles quickly.
   """
   n = len(values_k)
   widths = widths_of(free_kernels, diagonal)
   free = free_set(free_kernels, diagonal, widths)
-  # F only involves free weights.
+  dtype = jnp.result_type(*values_k)
+  # F only involves free weights: F(k, j) = w(out edge of (k, j)) F(k+1, j').
   F = [None] * (n + 1)
-  F[n] = [1.0] * widths[n]
+  F[n] = jnp.ones(widths[n], dtype)
   for k in range(n - 1, 0, -1):
-    F[k] = []
-    for j in range(widths[k]):
-      t, a, b = out_edge(free_kernels, diagonal, widths, k, j)
-      F[k].append(entry(free_kernels[k], diagonal[k], t, a, b) * F[k + 1][b])
-  B = [[1.0] * widths[0]]
+    K, d = free_kernels[k], diagonal[k]
+    out = [out_edge(free_kernels, diagonal, widths, k, j) for j in range(widths[k])]
+    pos = np.array([_flat(K, d, *e) for e in out], dtype=int)
+    nxt = np.array([e[2] for e in out], dtype=int)
+    F[k] = jnp.reshape(K, -1)[pos] * F[k + 1][nxt]
+  B = [jnp.ones(widths[0], dtype)]
   out_k, out_b = [], []
   for k in range(1, n + 1):
     K, d = free_kernels[k - 1], diagonal[k - 1]
-    W = jnp.zeros_like(K)
-    for t, i, j in edges(K, d):
-      idx = j if d else (t, i, j)
-      if (k, t, i, j) in free:
-        W = W.at[idx].set(entry(K, d, t, i, j))
-      else:
-        W = W.at[idx].set(values_k[k - 1][idx] / (B[k - 1][i] * F[k][j]))
+    es = edges(K, d)
+    assert [_flat(K, d, *e) for e in es] == list(range(len(es)))
+    is_free = np.array([(k, t, i, j) in free for t, i, j in es], dtype=bool)
+    src = np.array([i for _, i, _ in es], dtype=int)
+    dst = np.array([j for _, _, j in es], dtype=int)
+    coord = jnp.reshape(values_k[k - 1], -1) / (B[k - 1][src] * F[k][dst])
+    W = jnp.where(is_free, jnp.reshape(K, -1), coord).reshape(K.shape)
     out_k.append(W)
     vb = values_b[k - 1]
-    out_b.append(None if vb is None else jnp.stack([vb[j] / F[k][j] for j in range(len(vb))]))
+    out_b.append(None if vb is None else vb / F[k])
     if k < n:
-      Bk = []
-      for j in range(widths[k]):
-        t, a, b = in_edge(free_kernels, diagonal, widths, k, j)
-        Bk.append(entry(W, d, t, a, b) * B[k - 1][a])
-      B.append(Bk)
+      ins = [in_edge(free_kernels, diagonal, widths, k, j) for j in range(widths[k])]
+      pos = np.array([_flat(K, d, *e) for e in ins], dtype=int)
+      prev = np.array([e[1] for e in ins], dtype=int)
+      B.append(jnp.reshape(W, -1)[pos] * B[k - 1][prev])
   return out_k, out_b
 
 
@@ -163,6 +179,8 @@ def free_mask(kernels, diagonal):
 
 def in_skeleton_ratios(values_k, new_values_k, kernels, diagonal):
   """v'_s / v_s for every non-free in-skeleton edge (chart regular if > 0)."""
+  values_k = [np.asarray(v) for v in values_k]
+  new_values_k = [np.asarray(v) for v in new_values_k]
   widths = widths_of(kernels, diagonal)
   free = free_set(kernels, diagonal, widths)
   ratios = []

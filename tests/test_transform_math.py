@@ -59,22 +59,26 @@ def test_one_step_matches_autodiff_oracle(widths, bias):
   diag = [False] * n
   ks, bs = _views(params, n)
 
+  # Everything below runs compiled: op-by-op dispatch compiles one tiny XLA
+  # program per new shape, which costs far more than one jit per function.
+  gauge = jax.jit(lambda vk, vb: oracle.weights_from(vk, vb, ks, diag))
+
   def loss_of_values(vk, vb):
-    wk, wb = oracle.weights_from(vk, vb, ks, diag)
+    wk, wb = gauge(vk, vb)
     return nets.mse_loss(_to_params(wk, wb, n), x, y, n)
 
   vk, vb = oracle.values(ks, bs, diag)
   # The gauge map reproduces the weights (a check of the oracle itself).
-  wk, wb = oracle.weights_from(vk, vb, ks, diag)
+  wk, wb = gauge(vk, vb)
   assert nets.tree_rel_err(_to_params(wk, wb, n), params) < 1e-13
-  gk, gb = jax.grad(loss_of_values, argnums=(0, 1))(vk, vb)
+  gk, gb = jax.jit(jax.grad(loss_of_values, argnums=(0, 1)))(vk, vb)
   free = oracle.free_mask(ks, diag)
 
   # Path gradients at the coordinates.
   opt = ecopt.g_space(recording_sgd(lr), spec)
-  state = opt.init(params)
-  grads = jax.grad(nets.mse_loss)(params, x, y, n)
-  updates, state = opt.update(grads, state, params)
+  state = jax.jit(opt.init)(params)
+  grads = jax.jit(jax.grad(nets.mse_loss), static_argnums=3)(params, x, y, n)
+  updates, state = jax.jit(opt.update)(grads, state, params)
   recorded = state.inner_state
   for k in range(n):
     got = recorded[f"l{k}"]["kernel"][None]
@@ -89,13 +93,14 @@ def test_one_step_matches_autodiff_oracle(widths, bias):
   # The step stays inside the regular chart (no in-skeleton path shrinks past
   # min_ratio), where the oracle applies unguarded.
   assert min(oracle.in_skeleton_ratios(vk, new_vk, ks, diag)) > 0.01
-  wk2, wb2 = oracle.weights_from(new_vk, new_vb, ks, diag)
+  wk2, wb2 = gauge(new_vk, new_vb)
   expected = _to_params(wk2, wb2, n)
   got = optax.apply_updates(params, updates)
   assert nets.tree_rel_err(got, expected) < 1e-11
 
   # g_sgd is the same transformation.
-  upd2, _ = ecopt.g_sgd(lr, spec).update(grads, ecopt.g_sgd(lr, spec).init(params), params)
+  sgd = ecopt.g_sgd(lr, spec)
+  upd2, _ = jax.jit(sgd.update)(grads, jax.jit(sgd.init)(params), params)
   assert nets.tree_rel_err(upd2, updates) < 1e-13
 
 
@@ -107,7 +112,7 @@ def test_basis_path_values_and_free_mask_match_skeleton_walk(widths, bias):
   spec = nets.mlp_spec(widths)
   ks, bs = _views(params, n)
   vk, vb = oracle.values(ks, bs, [False] * n)
-  got = ecopt.basis_path_values(params, spec)
+  got = jax.jit(lambda p: ecopt.basis_path_values(p, spec))(params)
   assert nets.tree_rel_err(got, _to_params(vk, vb, n)) < 1e-14
   masks = oracle.free_mask(ks, [False] * n)
   got_mask = ecopt.free_mask(params, spec)
@@ -185,9 +190,9 @@ def test_equal_width_step_matches_paper_closed_form(d, K, L):
   params = nets.mlp_params(jax.random.key(d * 10 + L), widths, bias=False, away=True)
   x, y = nets.data(jax.random.key(2), d, K)
   lr = 0.002
-  grads = jax.grad(nets.mse_loss)(params, x, y, L)
+  grads = jax.jit(jax.grad(nets.mse_loss), static_argnums=3)(params, x, y, L)
   opt = ecopt.g_sgd(lr, nets.mlp_spec(widths))
-  updates, _ = opt.update(grads, opt.init(params), params)
+  updates, _ = jax.jit(opt.update)(grads, jax.jit(opt.init)(params), params)
   got = optax.apply_updates(params, updates)
   want = _paper_closed_form_step(
       [params[f"l{k}"]["kernel"] for k in range(L)],
