@@ -37,16 +37,23 @@ class Net(nn.Module):
 
 model = Net()
 spec = ecopt.Chain("d0", "d1", "d2", "d3")
-kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-x = jax.random.normal(kx, (8, 12), jnp.float64)
-y = jax.random.randint(ky, (8,), 0, 3)
-params = model.init(kp, x[:1])["params"]
-params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
-params = ecopt.skeleton_init(params, spec)
-# Away from the skeleton's exact ones, so every term of the update matters.
-params = jax.tree.map(
-    lambda p: p * (1 + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape)),
-    params)
+
+# Set-up in one compiled program: eager dispatch compiles a program per op.
+@jax.jit
+def setup(key):
+  kx, ky, kp = jax.random.split(key, 3)
+  x = jax.random.normal(kx, (8, 12), jnp.float64)
+  y = jax.random.randint(ky, (8,), 0, 3)
+  params = model.init(kp, x[:1])["params"]
+  params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+  params = ecopt.skeleton_init(params, spec)
+  # Away from the skeleton's exact ones, so every term of the update matters.
+  params = jax.tree.map(
+      lambda p: p * (1 + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape)),
+      params)
+  return x, y, params
+
+x, y, params = setup(jax.random.key(0))
 
 def loss(p, x, y):
   logits = model.apply({"params": p}, x)
@@ -94,13 +101,14 @@ for name, make in [
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  p, s = params, opt.init(params)
+  init = jax.jit(opt.init)
+  p, s = params, init(params)
   for _ in range(2):
     p, s = step(p, s, x, y)
   xs = jax.device_put(x, NamedSharding(mesh, P("data")))
   ys = jax.device_put(y, NamedSharding(mesh, P("data")))
   ps = shard(params)
-  ss = opt.init(ps)
+  ss = init(ps)
   for _ in range(2):
     ps, ss = step(ps, ss, xs, ys)
   same_sharding = all(
@@ -113,9 +121,9 @@ for name, make in [
   moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
               for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
   # The update alone, on sharded params and gradients.
-  grads = shard(jax.grad(loss)(params, x, y))
+  grads = shard(jax.jit(jax.grad(loss))(params, x, y))
   upd = jax.jit(lambda g, s, p: opt.update(g, s, p))
-  text = upd.lower(grads, opt.init(ps), shard(params)).compile().as_text()
+  text = upd.lower(grads, init(ps), shard(params)).compile().as_text()
   results[name] = {"rel": rel, "moved": moved, "same_sharding": same_sharding,
                    "collectives": collectives(text)}
 print("RESULT " + json.dumps(results))
