@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +9,14 @@ import numpy as np
 import ecopt
 
 
-# Compiled once per shape: eager jax.random compiles several programs per call.
-@functools.partial(jax.jit, static_argnames=("widths", "bias", "dtype", "prefix", "away"))
-def _mlp_params(key, widths, *, bias, dtype, prefix, away):
-  return _draw_mlp_params(key, widths, bias=bias, dtype=dtype, prefix=prefix, away=away)
+def _rng(key):
+  """A numpy generator seeded by a JAX key.
+
+  The draws are numpy's, not jax.random's: compiling jax.random for every new
+  shape costs seconds per call, numpy costs nothing. A key still determines
+  its draws, and different keys give different draws.
+  """
+  return np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
 
 
 def mlp_params(key, widths, *, bias=True, dtype=jnp.float64, prefix="l", away=False):
@@ -23,23 +25,19 @@ def mlp_params(key, widths, *, bias=True, dtype=jnp.float64, prefix="l", away=Fa
   With ``away``, every weight is +-U(0.5, 1.5): skeleton products stay away
   from zero, so a moderate step stays inside the regular chart.
   """
-  return _mlp_params(key, tuple(widths), bias=bias, dtype=dtype, prefix=prefix, away=away)
-
-
-def _draw_mlp_params(key, widths, *, bias, dtype, prefix, away):
+  rng = _rng(key)
   params = {}
-  keys = jax.random.split(key, 2 * len(widths))
   for k in range(len(widths) - 1):
     fan_in = widths[k]
     shape = (widths[k], widths[k + 1])
     if away:
-      u = jax.random.uniform(keys[2 * k], shape, dtype, -1.0, 1.0)
-      kernel = jnp.sign(u) * (0.5 + jnp.abs(u))
+      u = rng.uniform(-1.0, 1.0, shape)
+      kernel = np.sign(u) * (0.5 + np.abs(u))
     else:
-      kernel = jax.random.normal(keys[2 * k], shape, dtype) * (1.5 / np.sqrt(fan_in))
-    layer = {"kernel": kernel.astype(dtype)}
+      kernel = rng.standard_normal(shape) * (1.5 / np.sqrt(fan_in))
+    layer = {"kernel": jnp.asarray(kernel, dtype)}
     if bias:
-      layer["bias"] = (0.1 * jax.random.normal(keys[2 * k + 1], (widths[k + 1],), dtype)).astype(dtype)
+      layer["bias"] = jnp.asarray(0.1 * rng.standard_normal(widths[k + 1]), dtype)
     params[f"{prefix}{k}"] = layer
   return params
 
@@ -64,12 +62,12 @@ def mse_loss(params, x, y, n_layers, prefix="l"):
   return jnp.mean((mlp_apply(params, x, n_layers, prefix) - y) ** 2)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def data(key, n_in, n_out, batch=16, dtype=jnp.float64):
-  kx, ky = jax.random.split(key)
+  """Standard normal inputs and targets (numpy draws, see ``_rng``)."""
+  rng = _rng(key)
   return (
-      jax.random.normal(kx, (batch, n_in), dtype),
-      jax.random.normal(ky, (batch, n_out), dtype),
+      jnp.asarray(rng.standard_normal((batch, n_in)), dtype),
+      jnp.asarray(rng.standard_normal((batch, n_out)), dtype),
   )
 
 

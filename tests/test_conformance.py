@@ -51,13 +51,19 @@ LR = 0.01
 NAMES = list(TRANSFORMS)
 
 
+# The inputs (params, data, gradients) are compiled once per dtype: eager
+# dispatch compiles a program per op. The transformations under test run as
+# each test says (eagerly unless it jits them).
+_skeleton = jax.jit(lambda p: ecopt.skeleton_init(p, SPEC, keep_sign=True))
+
+
 def _setup(dtype=jnp.float64, seed=0):
-  params = nets.mlp_params(jax.random.key(seed), WIDTHS, dtype=dtype)
-  params = ecopt.skeleton_init(params, SPEC, keep_sign=True)
+  params = _skeleton(nets.mlp_params(jax.random.key(seed), WIDTHS, dtype=dtype))
   x, y = nets.data(jax.random.key(seed + 1), WIDTHS[0], WIDTHS[-1], dtype=dtype)
   return params, x, y
 
 
+@jax.jit
 def _grads(params, x, y):
   return jax.grad(nets.mse_loss)(params, x, y, N)
 
