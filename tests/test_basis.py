@@ -16,21 +16,24 @@ def test_canonicalize_keeps_function_and_path_values(widths):
   n = len(widths) - 1
   params = nets.mlp_params(jax.random.key(0), widths)
   spec = nets.mlp_spec(widths)
-  canon = ecopt.canonicalize(params, spec)
+  # Compiled (eager dispatch compiles a program per op and shape).
+  canonicalize = jax.jit(lambda p: ecopt.canonicalize(p, spec))
+  values = jax.jit(lambda p: ecopt.basis_path_values(p, spec))
+  apply = jax.jit(lambda p, x: nets.mlp_apply(p, x, n))
+  canon = canonicalize(params)
   x, _ = nets.data(jax.random.key(1), widths[0], widths[-1])
-  assert nets.rel_err(nets.mlp_apply(canon, x, n), nets.mlp_apply(params, x, n)) < 1e-13
-  assert nets.tree_rel_err(
-      ecopt.basis_path_values(canon, spec), ecopt.basis_path_values(params, spec)
-  ) < 1e-13
-  mask = ecopt.free_mask(params, spec)
+  assert nets.rel_err(apply(canon, x), apply(params, x)) < 1e-13
+  assert nets.tree_rel_err(values(canon), values(params)) < 1e-13
+  mask = jax.jit(lambda p: ecopt.free_mask(p, spec))(params)
   for m, w, w0 in zip(jax.tree.leaves(mask), jax.tree.leaves(canon), jax.tree.leaves(params)):
+    m, w, w0 = np.asarray(m), np.asarray(w), np.asarray(w0)
     np.testing.assert_allclose(np.abs(w[m]), 1.0, rtol=1e-14)
     np.testing.assert_array_equal(np.sign(w[m]), np.sign(w0[m]))
   # It is a projection: canonical params are their own canonical form, and
   # every rescaled copy has the same canonical form.
-  assert nets.tree_rel_err(ecopt.canonicalize(canon, spec), canon) < 1e-14
-  scaled = ecopt.rescale(params, spec, jax.random.key(2), log_range=3.0)
-  assert nets.tree_rel_err(ecopt.canonicalize(scaled, spec), canon) < 1e-12
+  assert nets.tree_rel_err(canonicalize(canon), canon) < 1e-14
+  scaled = jax.jit(lambda p, k: ecopt.rescale(p, spec, k, log_range=3.0))(params, jax.random.key(2))
+  assert nets.tree_rel_err(canonicalize(scaled), canon) < 1e-12
 
 
 def test_canonicalize_leaves_a_node_with_zero_free_weight_unscaled():

@@ -21,7 +21,7 @@ SPEC = nets.mlp_spec(WIDTHS)
 @functools.lru_cache(maxsize=None)
 def problem(seed=0):
   params = nets.mlp_params(jax.random.key(seed), WIDTHS, dtype=jnp.float32)
-  params = ecopt.skeleton_init(params, SPEC)
+  params = jax.jit(lambda p: ecopt.skeleton_init(p, SPEC))(params)
   x, y = nets.data(jax.random.key(seed + 1), WIDTHS[0], WIDTHS[-1], batch=32, dtype=jnp.float32)
   return params, x, y
 
@@ -83,19 +83,20 @@ def test_non_finite_gradients_propagate(inner):
   """One NaN/Inf gradient entry anywhere makes the update non-finite."""
   params, x, y = problem()
   grads = loss_grad(params, x, y, N)
+  # The corrupted batch is built in numpy (eager .at[].set compiles a
+  # program per index).
   cases, corrupted = [], []
   for name, (layer, leaf, index) in POSITIONS.items():
     for value in (np.nan, np.inf, -np.inf):
-      g = jax.tree.map(lambda t: t, grads)
-      g[layer] = dict(g[layer])
-      g[layer][leaf] = g[layer][leaf].at[index].set(value)
+      g = jax.tree.map(np.array, grads)
+      g[layer][leaf][index] = value
       cases.append((name, value))
       corrupted.append(g)
-  batch = jax.tree.map(lambda *xs: jnp.stack(xs), *corrupted)
+  batch = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *corrupted)
   opt = ecopt.g_space(optax.sgd(0.05) if inner == "sgd" else optax.adam(1e-2), SPEC)
   update = jax.jit(jax.vmap(opt.update, in_axes=(0, None, None)))
-  updates, _ = update(batch, opt.init(params), params)
-  mask = jax.tree.leaves(ecopt.free_mask(params, SPEC))
+  updates, _ = update(batch, jax.jit(opt.init)(params), params)
+  mask = jax.tree.leaves(jax.jit(lambda p: ecopt.free_mask(p, SPEC))(params))
   for b, case in enumerate(cases):
     leaves = [np.asarray(u[b]) for u in jax.tree.leaves(updates)]
     assert not all(np.all(np.isfinite(u)) for u in leaves), case
