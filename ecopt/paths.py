@@ -52,21 +52,27 @@ def damage(*xs: jax.Array) -> jax.Array:
   return functools.reduce(operator.add, [jnp.zeros((), x.dtype) * x for x in xs])
 
 
-def freeze_non_finite(
-    x: jax.Array, damaged: jax.Array, check: Optional[jax.Array] = None
-) -> jax.Array:
-  """``x`` where ``check`` (default ``x``) is finite; else 0, or NaN if damaged.
+def nan_marker(x: jax.Array) -> jax.Array:
+  """NaN where ``x`` is NaN, else 0: an ``Inf`` path update is an overflow
+  (frozen), a NaN one is damage (propagated)."""
+  return jnp.where(jnp.isnan(x), x, jnp.zeros((), x.dtype))
 
-  The per-entry guard of ``docs/singular_charts.md``: an entry whose own
-  inputs are finite but whose chart arithmetic overflowed, or hit
-  ``0 * inf``, is frozen (0); an entry whose own inputs are damaged
-  (``damaged`` True: a NaN or Inf gradient, a NaN path update) becomes NaN,
-  the marker that the weight allocation propagates instead of freezing, so
-  damage reaches the updates as in optax. Finite entries pass through bit
-  for bit. Elementwise, so XLA fuses it into the loop that computes ``x``.
+
+def freeze_non_finite(
+    x: jax.Array, fill: jax.Array, check: Optional[jax.Array] = None
+) -> jax.Array:
+  """``x`` where ``check`` (default ``x``) is finite, else ``fill``.
+
+  The per-entry guard of ``docs/singular_charts.md``, with ``fill`` 0 for an
+  entry whose own inputs are finite (its chart arithmetic overflowed, or hit
+  ``0 * inf``: the entry is frozen) and NaN for an entry whose own inputs are
+  damaged (a NaN or Inf gradient, a NaN path update): NaN is the marker the
+  weight allocation propagates instead of freezing, so damage reaches the
+  updates as in optax. :func:`damage` builds such a ``fill`` in one
+  multiply. Finite entries pass through bit for bit; everything is
+  elementwise, so XLA fuses it into the loop that computes ``x``.
   """
   check = x if check is None else check
-  fill = jnp.where(damaged, jnp.full((), jnp.nan, x.dtype), jnp.zeros((), x.dtype))
   return jnp.where(jnp.isfinite(check), x, fill)
 
 
@@ -155,20 +161,28 @@ def _skeleton_mask(layer: LayerGeometry, out_edges: bool) -> jax.Array:
   ndim = len(shape)
   row = jax.lax.broadcasted_iota(jnp.int32, shape, ndim - 2)
   col = jax.lax.broadcasted_iota(jnp.int32, shape, ndim - 1)
-  node = row - layer.skeleton_row if layer.skeleton_row else row
-  # lax.rem: indices here are >= 0 wherever the mask can be True.
-  if out_edges:  # column == node mod n_out, node in [0, n_in)
+  # An index modulo a width is a static per-node vector: integer remainders
+  # computed per edge do not vectorise on CPU and cost more than the rest of
+  # the update.
+  if out_edges:  # row = skeleton_row + i, column = i mod n_out
     if layer.n_in > layer.n_out:
-      node = jax.lax.rem(node, jnp.int32(layer.n_out))
-    mask = col == node
-  else:  # node == column mod n_in
-    if layer.n_out > layer.n_in:
-      col = jax.lax.rem(col, jnp.int32(layer.n_in))
-    mask = node == col
-  if layer.positions > 1:
-    mask = mask & (row >= layer.skeleton_row) & (
-        row < layer.skeleton_row + layer.n_in
-    )
+      rows = np.full((shape[-2],), -1, np.int32)
+      i = np.arange(layer.n_in)
+      rows[layer.skeleton_row + i] = i % layer.n_out
+      mask = col == jax.lax.broadcast_in_dim(jnp.asarray(rows), shape, (ndim - 2,))
+    else:
+      mask = col == (row - layer.skeleton_row if layer.skeleton_row else row)
+      if layer.positions > 1:
+        mask = mask & (row >= layer.skeleton_row) & (
+            row < layer.skeleton_row + layer.n_in
+        )
+  else:  # row = skeleton_row + (j mod n_in) for column j
+    if layer.n_out > layer.n_in or layer.skeleton_row:
+      j = np.arange(layer.n_out)
+      rows = (layer.skeleton_row + j % layer.n_in).astype(np.int32)
+      mask = row == jax.lax.broadcast_in_dim(jnp.asarray(rows), shape, (ndim - 1,))
+    else:
+      mask = row == col
   for axis, index in enumerate(layer.skeleton_window):
     if shape[axis] > 1:
       mask = mask & (jax.lax.broadcasted_iota(jnp.int32, shape, axis) == index)
@@ -189,20 +203,48 @@ def out_skeleton_mask(layer: LayerGeometry) -> jax.Array:
   return _skeleton_mask(layer, out_edges=True)
 
 
+def materialize(x: jax.Array) -> jax.Array:
+  """``x`` itself, computed once into its own buffer before any consumer.
+
+  XLA fuses cheap elementwise producers into their consumers, even through a
+  broadcast: the per-node arithmetic of the skeleton sweeps would then be
+  recomputed for every edge of the layer inside the update loop, which made
+  that loop compute-bound at several times ``w - lr * g``. A gather cannot
+  be fused that way, so an identity gather pins the vector to memory
+  (``lax.optimization_barrier`` does not survive XLA:CPU's fusion passes).
+  """
+  index = jnp.asarray(np.arange(x.shape[0])[:, None], np.int32)
+  return jax.lax.gather(
+      x,
+      index,
+      jax.lax.GatherDimensionNumbers(
+          offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
+      ),
+      slice_sizes=(1,),
+      indices_are_sorted=True,
+      unique_indices=True,
+      mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
+
+
 def along_in(x: jax.Array, layer: LayerGeometry) -> jax.Array:
   """A per-input-node vector broadcast to the kernel's shape."""
   if layer.diagonal:
     return x
   if layer.positions > 1:
     x = jnp.tile(x, layer.positions)
-  return jax.lax.broadcast_in_dim(x, layer.shape, (len(layer.shape) - 2,))
+  return jax.lax.broadcast_in_dim(
+      materialize(x), layer.shape, (len(layer.shape) - 2,)
+  )
 
 
 def along_out(x: jax.Array, layer: LayerGeometry) -> jax.Array:
   """A per-output-node vector broadcast to the kernel's shape."""
   if layer.diagonal:
     return x
-  return jax.lax.broadcast_in_dim(x, layer.shape, (len(layer.shape) - 1,))
+  return jax.lax.broadcast_in_dim(
+      materialize(x), layer.shape, (len(layer.shape) - 1,)
+  )
 
 
 def row_sums(x: jax.Array, layer: LayerGeometry) -> jax.Array:
@@ -275,11 +317,12 @@ def inv_skeleton_product(
   """``1/S_e`` for every edge of layer ``k`` (1-based), broadcast.
 
   Both factors are finite, so the product is finite or overflows to Inf,
-  which happens exactly when ``|S_e|`` is below ``1/finfo.max``: such a
-  coordinate is frozen like one with a zero ``S_e`` (reciprocal 0).
+  which happens exactly when ``|S_e|`` is below ``1/finfo.max``. It is not
+  guarded here: the entry guards of :func:`path_gradients` and
+  :func:`allocate` see the resulting non-finite value with finite inputs and
+  freeze the coordinate, as they do for a zero ``S_e`` (reciprocal 0).
   """
-  inv = along_in(sk.inv_B[k - 1], layer) * along_out(sk.inv_F[k], layer)
-  return jnp.where(jnp.isfinite(inv), inv, jnp.zeros((), inv.dtype))
+  return along_in(sk.inv_B[k - 1], layer) * along_out(sk.inv_F[k], layer)
 
 
 def skeleton_product(sk: Skeleton, k: int, layer: LayerGeometry) -> jax.Array:
@@ -345,15 +388,13 @@ def path_gradients(
     g = grads[k - 1]
     dtype = g.dtype
     p = (g * inv_skeleton_product(sk, k, layer)).astype(dtype)
-    p = freeze_non_finite(p, ~jnp.isfinite(g))
+    p = freeze_non_finite(p, damage(g))
     if k < n:
       g_s = in_skeleton(g, layer)
       q = (sk.a[k - 1] * g_s - U[k]) * safe_reciprocal(
           in_skeleton_values(sk, k)
       )
-      q = freeze_non_finite(
-          q.astype(dtype), ~jnp.isfinite(g_s) | jnp.isnan(D[k])
-      )
+      q = freeze_non_finite(q.astype(dtype), damage(g_s) + D[k])
       p = jnp.where(in_skeleton_mask(layer), along_out(q, layer), p)
     if k > 1:
       p = jnp.where(out_skeleton_mask(layer), jnp.zeros((), dtype), p)
@@ -362,7 +403,7 @@ def path_gradients(
     out_bias.append(
         None
         if gb is None
-        else freeze_non_finite(gb * sk.inv_F[k], ~jnp.isfinite(gb))
+        else freeze_non_finite(gb * sk.inv_F[k], damage(gb))
     )
   return out, out_bias
 
@@ -411,26 +452,32 @@ def allocate(
     if free.any():
       ratio = jnp.where(free, tile_to(r[k - 1], widths[k]), ratio)
     r.append(ratio)
+  # 1/rho per node: one division per node instead of one per edge.
+  inv_rho = [None] + [1 / (1 + x) for x in r[1:]]
   out, out_bias = [], []
   for k, layer in enumerate(layers, start=1):
     w = views[k - 1]
     d = path_updates[k - 1] * inv_skeleton_product(sk, k, layer)
     if k > 1:
       r_in = along_in(r[k - 1], layer)
-      d = (d - w * r_in) / (1 + r_in)
+      d = (d - w * r_in) * along_in(inv_rho[k - 1], layer)
     if k < n:
-      r_in = along_in(r[k - 1], layer)
-      d_s = w * (along_out(r[k], layer) - r_in) / (1 + r_in)
-      d = jnp.where(in_skeleton_mask(layer), d_s, d)
+      # In-skeleton edges, per node j (input node j mod n_in): one value per
+      # column instead of a formula evaluated on every edge and discarded.
+      if k > 1:
+        d_s = sk.a[k - 1] * (r[k] - tile_to(r[k - 1], widths[k]))
+        d_s = d_s * tile_to(inv_rho[k - 1], widths[k])
+      else:
+        d_s = sk.a[k - 1] * r[k]
+      d = jnp.where(in_skeleton_mask(layer), along_out(d_s, layer), d)
     if k > 1:
       d = jnp.where(out_skeleton_mask(layer), 0.0, d)
-    dv = path_updates[k - 1]
-    out.append(freeze_non_finite(d, jnp.isnan(dv), check=w + d))
+    out.append(freeze_non_finite(d, nan_marker(path_updates[k - 1]), w + d))
     dvb = bias_path_updates[k - 1]
     out_bias.append(
         None
         if dvb is None
-        else freeze_non_finite(dvb * sk.inv_F[k], jnp.isnan(dvb))
+        else freeze_non_finite(dvb * sk.inv_F[k], nan_marker(dvb))
     )
   return out, out_bias
 
