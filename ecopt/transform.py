@@ -10,6 +10,7 @@ import optax
 from jax.typing import ArrayLike
 
 from ecopt import _tree
+from ecopt import basis as basis_lib
 from ecopt import paths as paths_lib
 from ecopt import spec as spec_lib
 from ecopt import structure as structure_lib
@@ -124,7 +125,8 @@ def g_space(
 
   def init_fn(params):
     structure = structure_lib.resolve(params, chains)
-    values = basis_values_for(params, structure)
+    # Compiled: called eagerly, op-by-op dispatch took seconds per new shape.
+    values = basis_lib.basis_path_values(params, chains)
     return GSpaceState(inner.init(values), _layout(structure))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -165,18 +167,6 @@ def g_space(
     return new_updates, GSpaceState(inner_state, state.layout)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def basis_values_for(params: Any, structure: structure_lib.Structure) -> Any:
-  """Basis-path values of ``params`` for an already resolved structure."""
-  leaves, treedef = _tree.flat(params)
-  out = list(leaves)
-  for geometry in structure.chains:
-    views, biases = _tree.chain_views(geometry, leaves)
-    sk = paths_lib.skeleton(geometry, views)
-    pv, pvb = paths_lib.path_values(geometry, sk, views, biases)
-    _tree.write_chain(geometry, out, leaves, pv, pvb)
-  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def g_sgd(
