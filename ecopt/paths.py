@@ -104,32 +104,38 @@ def pad_to(x: jax.Array, n: int) -> jax.Array:
   return jnp.pad(x, (0, n - size))
 
 
-def _entries(
-    kernel: jax.Array, layer: LayerGeometry, nodes: np.ndarray, cols: np.ndarray
-) -> jax.Array:
-  """``K[t*, nodes, cols]`` for static in-bounds indices, as one gather.
+def _static_gather(x: jax.Array, index: np.ndarray) -> jax.Array:
+  """``x[index[:, 0], index[:, 1], ...]`` for static in-bounds indices.
 
   ``lax.gather`` directly: jnp indexing traces dozens of ops per call, and
   the indices are static constants anyway.
   """
-  window = np.broadcast_to(
-      np.asarray(layer.skeleton_window, np.int64), (len(nodes), len(layer.skeleton_window))
-  )
-  index = np.concatenate(
-      [window, (layer.skeleton_row + nodes)[:, None], cols[:, None]], axis=1
-  )
-  axes = tuple(range(kernel.ndim))
+  axes = tuple(range(x.ndim))
   return jax.lax.gather(
-      kernel,
+      x,
       jnp.asarray(index, np.int32),
       jax.lax.GatherDimensionNumbers(
           offset_dims=(), collapsed_slice_dims=axes, start_index_map=axes
       ),
-      slice_sizes=(1,) * kernel.ndim,
+      slice_sizes=(1,) * x.ndim,
       indices_are_sorted=True,
       unique_indices=True,
       mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
   )
+
+
+def _entries(
+    kernel: jax.Array, layer: LayerGeometry, nodes: np.ndarray, cols: np.ndarray
+) -> jax.Array:
+  """``K[t*, nodes, cols]``, the kernel in its own shape, as one gather."""
+  window = np.broadcast_to(
+      np.asarray(layer.skeleton_window, np.int64),
+      (len(nodes), len(layer.skeleton_window)),
+  )
+  index = np.concatenate(
+      [window, (layer.skeleton_row + nodes)[:, None], cols[:, None]], axis=1
+  )
+  return _static_gather(kernel, index)
 
 
 def in_skeleton(kernel: jax.Array, layer: LayerGeometry) -> jax.Array:
@@ -159,33 +165,27 @@ def _skeleton_mask(layer: LayerGeometry, out_edges: bool) -> jax.Array:
   """
   shape = layer.shape
   ndim = len(shape)
-  row = jax.lax.broadcasted_iota(jnp.int32, shape, ndim - 2)
-  col = jax.lax.broadcasted_iota(jnp.int32, shape, ndim - 1)
-  # An index modulo a width is a static per-node vector: integer remainders
-  # computed per edge do not vectorise on CPU and cost more than the rest of
-  # the update.
-  if out_edges:  # row = skeleton_row + i, column = i mod n_out
-    if layer.n_in > layer.n_out:
-      rows = np.full((shape[-2],), -1, np.int32)
-      i = np.arange(layer.n_in)
-      rows[layer.skeleton_row + i] = i % layer.n_out
-      mask = col == jax.lax.broadcast_in_dim(jnp.asarray(rows), shape, (ndim - 2,))
-    else:
-      mask = col == (row - layer.skeleton_row if layer.skeleton_row else row)
-      if layer.positions > 1:
-        mask = mask & (row >= layer.skeleton_row) & (
-            row < layer.skeleton_row + layer.n_in
-        )
-  else:  # row = skeleton_row + (j mod n_in) for column j
-    if layer.n_out > layer.n_in or layer.skeleton_row:
-      j = np.arange(layer.n_out)
-      rows = (layer.skeleton_row + j % layer.n_in).astype(np.int32)
-      mask = row == jax.lax.broadcast_in_dim(jnp.asarray(rows), shape, (ndim - 1,))
-    else:
-      mask = row == col
-  for axis, index in enumerate(layer.skeleton_window):
-    if shape[axis] > 1:
-      mask = mask & (jax.lax.broadcasted_iota(jnp.int32, shape, axis) == index)
+  # The skeleton edge of each row (out) or column (in) is a static table of
+  # indices, compared with an iota; integer remainders computed per edge do
+  # not vectorise on CPU and cost more than the rest of the update.
+  if out_edges:  # row skeleton_row + i holds column i mod n_out; others none
+    table = np.full((shape[-2],), -1, np.int64)
+    i = np.arange(layer.n_in)
+    table[layer.skeleton_row + i] = i % layer.n_out
+    axis, other = ndim - 2, ndim - 1
+  else:  # column j holds row skeleton_row + (j mod n_in)
+    table = layer.skeleton_row + np.arange(layer.n_out) % layer.n_in
+    axis, other = ndim - 1, ndim - 2
+  index = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+  if not np.array_equal(table, np.arange(len(table))):
+    index = jax.lax.broadcast_in_dim(
+        jnp.asarray(table, np.int32), shape, (axis,)
+    )
+  mask = jax.lax.broadcasted_iota(jnp.int32, shape, other) == index
+  for window_axis, tap in enumerate(layer.skeleton_window):
+    if shape[window_axis] > 1:
+      tap_index = jax.lax.broadcasted_iota(jnp.int32, shape, window_axis)
+      mask = mask & (tap_index == tap)
   return mask
 
 
@@ -213,26 +213,14 @@ def materialize(x: jax.Array) -> jax.Array:
   be fused that way, so an identity gather pins the vector to memory
   (``lax.optimization_barrier`` does not survive XLA:CPU's fusion passes).
   """
-  index = jnp.asarray(np.arange(x.shape[0])[:, None], np.int32)
-  return jax.lax.gather(
-      x,
-      index,
-      jax.lax.GatherDimensionNumbers(
-          offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,)
-      ),
-      slice_sizes=(1,),
-      indices_are_sorted=True,
-      unique_indices=True,
-      mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-  )
+  return _static_gather(x, np.arange(x.shape[0])[:, None])
 
 
 def along_in(x: jax.Array, layer: LayerGeometry) -> jax.Array:
   """A per-input-node vector broadcast to the kernel's shape."""
   if layer.diagonal:
     return x
-  if layer.positions > 1:
-    x = jnp.tile(x, layer.positions)
+  x = tile_to(x, layer.shape[-2])  # rows are position * n_in + node
   return jax.lax.broadcast_in_dim(
       materialize(x), layer.shape, (len(layer.shape) - 2,)
   )
@@ -384,7 +372,7 @@ def path_gradients(
       U[k] = U[k] + pad_to(U[k + 1], widths[k])
       D[k] = D[k] + pad_to(D[k + 1], widths[k])
   # Guard 3 per entry: overflow from finite inputs freezes the entry; an
-  # entry whose own inputs are damaged keeps its NaN/Inf, as in optax.
+  # entry whose own inputs are damaged becomes NaN, which propagates.
   out, out_bias = [], []
   for k, layer in enumerate(layers, start=1):
     g = grads[k - 1]
