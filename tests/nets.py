@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import ecopt
 
@@ -82,3 +83,16 @@ def tree_rel_err(a, b):
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
   assert len(la) == len(lb)
   return max(rel_err(x, y) for x, y in zip(la, lb))
+
+
+def recording_sgd(lr):
+  """SGD whose state records the last updates it saw (the path gradients)."""
+
+  def init(params):
+    return jax.tree.map(jnp.zeros_like, params)
+
+  def update(updates, state, params=None):
+    del state, params
+    return jax.tree.map(lambda g: -lr * g, updates), updates
+
+  return optax.GradientTransformation(init, update)

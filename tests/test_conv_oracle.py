@@ -71,19 +71,6 @@ class BNChain(nn.Module):
     return nn.Dense(2, param_dtype=F64, name="d")(x)
 
 
-def recording_sgd(lr):
-  """SGD whose state is the last updates it saw (the path gradients)."""
-
-  def init(params):
-    return jax.tree.map(jnp.zeros_like, params)
-
-  def update(updates, state, params=None):
-    del state, params
-    return jax.tree.map(lambda g: -lr * g, updates), updates
-
-  return optax.GradientTransformation(init, update)
-
-
 def _away(abstract, seed):
   """Every parameter +-U(0.5, 1.5) (numpy, no compilation): a step stays in the regular chart."""
   rng = np.random.default_rng(seed)
@@ -189,7 +176,7 @@ def test_one_step_matches_autodiff_oracle(name):
 
   gk, gb = jax.jit(jax.grad(loss_of_values, argnums=(0, 1)))(vk, vb)
 
-  opt = ecopt.g_space(recording_sgd(LR), spec)
+  opt = ecopt.g_space(nets.recording_sgd(LR), spec)
   grads = jax.jit(jax.grad(loss))(params)
   updates, state = jax.jit(opt.update)(grads, jax.jit(opt.init)(params), params)
   recorded = state.inner_state

@@ -19,19 +19,6 @@ ARCHS = [
 ]
 
 
-def recording_sgd(lr):
-  """SGD whose state records the last updates it saw (the path gradients)."""
-
-  def init(params):
-    return jax.tree.map(jnp.zeros_like, params)
-
-  def update(updates, state, params=None):
-    del state, params
-    return jax.tree.map(lambda g: -lr * g, updates), updates
-
-  return optax.GradientTransformation(init, update)
-
-
 def _views(params, n):
   ks = [params[f"l{k}"]["kernel"][None] for k in range(n)]
   bs = [params[f"l{k}"].get("bias") for k in range(n)]
@@ -75,7 +62,7 @@ def test_one_step_matches_autodiff_oracle(widths, bias):
   free = oracle.free_mask(ks, diag)
 
   # Path gradients at the coordinates.
-  opt = ecopt.g_space(recording_sgd(lr), spec)
+  opt = ecopt.g_space(nets.recording_sgd(lr), spec)
   state = jax.jit(opt.init)(params)
   grads = jax.jit(jax.grad(nets.mse_loss), static_argnums=3)(params, x, y, n)
   updates, state = jax.jit(opt.update)(grads, state, params)
