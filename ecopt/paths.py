@@ -384,7 +384,11 @@ def path_gradients(
       q = (sk.a[k - 1] * g_s - U[k]) * safe_reciprocal(
           in_skeleton_values(sk, k)
       )
-      q = freeze_non_finite(q.astype(dtype), damage(g_s) + D[k])
+      # Checked with D[k] too: a damaged free weight of a diagonal layer
+      # (a BatchNorm scale) has no row sum to make U, hence q, non-finite.
+      q = freeze_non_finite(
+          q.astype(dtype), damage(g_s) + D[k], q.astype(dtype) + D[k]
+      )
       p = jnp.where(in_skeleton_mask(layer), along_out(q, layer), p)
     if k > 1:
       p = jnp.where(out_skeleton_mask(layer), jnp.zeros((), dtype), p)

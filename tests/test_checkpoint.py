@@ -105,6 +105,37 @@ def test_non_finite_gradients_propagate(inner):
       np.testing.assert_array_equal(u[np.asarray(m)], 0.0, err_msg=str(case))
 
 
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_gradient_of_a_diagonal_free_weight_propagates(inner, value):
+  """A BatchNorm scale is a free weight with no row sum behind it.
+
+  Its damaged gradient must still reach the updates (at the in-skeleton
+  path gradient upstream), or apply_if_finite would not skip the step.
+  """
+  rng = np.random.default_rng(0)
+  params = {
+      "d0": {"kernel": rng.normal(size=(3, 4)), "bias": rng.normal(size=(4,))},
+      "bn": {"scale": 1 + 0.1 * rng.normal(size=(4,)), "bias": rng.normal(size=(4,))},
+      "d1": {"kernel": rng.normal(size=(4, 2)), "bias": rng.normal(size=(2,))},
+  }
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  spec = ecopt.Chain("d0", "bn", "d1")
+  grads = jax.tree.map(lambda a: np.asarray(0.1 * rng.normal(size=a.shape), np.float32), params)
+  finite = jax.tree.map(jnp.asarray, grads)
+  grads["bn"]["scale"][1] = value
+  grads = jax.tree.map(jnp.asarray, grads)
+  opt = ecopt.g_space(optax.sgd(0.05) if inner == "sgd" else optax.adam(1e-2), spec)
+  state = opt.init(params)
+  ok, _ = opt.update(finite, state, params)
+  assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(ok))
+  updates, _ = opt.update(grads, state, params)
+  assert not all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+  mask = ecopt.free_mask(params, spec)
+  for m, u in zip(jax.tree.leaves(mask), jax.tree.leaves(updates)):
+    np.testing.assert_array_equal(np.asarray(u)[np.asarray(m)], 0.0)
+
+
 def test_plain_optax_propagates_too():
   """The reference behaviour: optax.sgd passes a NaN gradient on."""
   params, x, y = problem()
