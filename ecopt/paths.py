@@ -386,9 +386,8 @@ def path_gradients(
       )
       # Checked with D[k] too: a damaged free weight of a diagonal layer
       # (a BatchNorm scale) has no row sum to make U, hence q, non-finite.
-      q = freeze_non_finite(
-          q.astype(dtype), damage(g_s) + D[k], q.astype(dtype) + D[k]
-      )
+      q = q.astype(dtype)
+      q = freeze_non_finite(q, damage(g_s) + D[k], q + D[k])
       p = jnp.where(in_skeleton_mask(layer), along_out(q, layer), p)
     if k > 1:
       p = jnp.where(out_skeleton_mask(layer), jnp.zeros((), dtype), p)
