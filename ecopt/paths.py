@@ -220,7 +220,11 @@ def along_in(x: jax.Array, layer: LayerGeometry) -> jax.Array:
   """A per-input-node vector broadcast to the kernel's shape."""
   if layer.diagonal:
     return x
-  x = tile_to(x, layer.shape[-2])  # rows are position * n_in + node
+  rows = layer.shape[-2]  # position * n_in + node
+  if rows != x.shape[0]:
+    # Pinned before it is tiled too: else its arithmetic (a whole skeleton
+    # sweep) is fused into the tile and redone for every row.
+    x = tile_to(materialize(x), rows)
   return jax.lax.broadcast_in_dim(
       materialize(x), layer.shape, (len(layer.shape) - 2,)
   )
