@@ -216,27 +216,43 @@ def materialize(x: jax.Array) -> jax.Array:
   return _static_gather(x, np.arange(x.shape[0])[:, None])
 
 
-def along_in(x: jax.Array, layer: LayerGeometry) -> jax.Array:
-  """A per-input-node vector broadcast to the kernel's shape."""
+def broadcast_in(x: jax.Array, layer: LayerGeometry) -> jax.Array:
+  """A per-input-node vector broadcast to the kernel's shape, not pinned.
+
+  For the operand of a reduction: XLA:CPU's reduction kernels (YNNPACK)
+  take a plain broadcast into the reduction, but a pinned vector's
+  broadcast (:func:`along_in`) is written out at the kernel's full size.
+  """
   if layer.diagonal:
     return x
-  rows = layer.shape[-2]  # position * n_in + node
-  if rows != x.shape[0]:
+  x = tile_to(x, layer.shape[-2])  # rows are position * n_in + node
+  return jax.lax.broadcast_in_dim(x, layer.shape, (len(layer.shape) - 2,))
+
+
+def broadcast_out(x: jax.Array, layer: LayerGeometry) -> jax.Array:
+  """A per-output-node vector broadcast to the kernel's shape, not pinned."""
+  if layer.diagonal:
+    return x
+  return jax.lax.broadcast_in_dim(x, layer.shape, (len(layer.shape) - 1,))
+
+
+def along_in(x: jax.Array, layer: LayerGeometry) -> jax.Array:
+  """A per-input-node vector, pinned (:func:`materialize`), broadcast to
+  the kernel's shape: for elementwise loops over the kernel."""
+  if layer.diagonal:
+    return x
+  if layer.shape[-2] != x.shape[0]:
     # Pinned before it is tiled too: else its arithmetic (a whole skeleton
     # sweep) is fused into the tile and redone for every row.
-    x = tile_to(materialize(x), rows)
-  return jax.lax.broadcast_in_dim(
-      materialize(x), layer.shape, (len(layer.shape) - 2,)
-  )
+    x = tile_to(materialize(x), layer.shape[-2])
+  return broadcast_in(materialize(x), layer)
 
 
 def along_out(x: jax.Array, layer: LayerGeometry) -> jax.Array:
-  """A per-output-node vector broadcast to the kernel's shape."""
+  """A per-output-node vector, pinned, broadcast to the kernel's shape."""
   if layer.diagonal:
     return x
-  return jax.lax.broadcast_in_dim(
-      materialize(x), layer.shape, (len(layer.shape) - 1,)
-  )
+  return broadcast_out(materialize(x), layer)
 
 
 def row_sums(x: jax.Array, layer: LayerGeometry) -> jax.Array:
