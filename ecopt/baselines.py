@@ -157,7 +157,9 @@ def path_kappa(params: Any, spec: spec_lib.Spec) -> Any:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def scale_by_path_norm(spec: spec_lib.Spec) -> optax.GradientTransformation:
+def scale_by_path_norm(
+    spec: spec_lib.Spec,
+) -> optax.GradientTransformationExtraArgs:
   """Divides each update entry by Path-SGD's ``kappa_e`` of the current params.
 
   For an edge ``e = K_k[t, i, j]`` of a chain layer (viewed as
@@ -189,7 +191,8 @@ def scale_by_path_norm(spec: spec_lib.Spec) -> optax.GradientTransformation:
     spec: an ``ecopt.Chain`` or a sequence of them.
 
   Returns:
-    An ``optax.GradientTransformation``; ``update`` requires ``params``.
+    A ``GradientTransformationExtraArgs``; ``update`` requires ``params``
+    (and ignores any extra arguments).
 
   Example:
     >>> import optax, ecopt
@@ -207,7 +210,8 @@ def scale_by_path_norm(spec: spec_lib.Spec) -> optax.GradientTransformation:
     structure_lib.resolve(params, chains)  # Validates the spec early.
     return ScaleByPathNormState()
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
     if params is None:
       raise ValueError(_NO_PARAMS)
     structure = structure_lib.resolve(params, chains)
@@ -227,7 +231,7 @@ def scale_by_path_norm(spec: spec_lib.Spec) -> optax.GradientTransformation:
       _tree.write_chain(geometry, out, grad_leaves, scaled, scaled_bias)
     return jax.tree_util.tree_unflatten(grad_def, out), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def path_sgd(

@@ -155,6 +155,20 @@ def test_kappa_outside_chain_is_one_and_not_accumulated():
     )
 
 
+def test_scale_by_path_norm_takes_extra_args_as_optax_does():
+  widths = [2, 3, 2]
+  params = _mlp(2, widths)
+  spec = nets.mlp_spec(widths)
+  opt = scale_by_path_norm(spec)
+  assert isinstance(opt, optax.GradientTransformationExtraArgs)
+  grads = jax.tree.map(jnp.ones_like, params)
+  plain, _ = opt.update(grads, opt.init(params), params)
+  # An extra argument meant for another member of a chain is ignored.
+  chained = optax.chain(opt, optax.scale(-1.0))
+  extra, _ = chained.update(grads, chained.init(params), params, loss=1.0)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(-a, b), plain, extra)
+
+
 # ------------------------------------------------------------ invariance ---
 
 
