@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import ecopt
-from tests import nets
+import nets
 
 WIDTHS = (256, 512, 512, 10)
 
