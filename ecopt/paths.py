@@ -353,6 +353,18 @@ def free_in_skeleton(geometry: ChainGeometry, k: int) -> np.ndarray:
   return np.arange(widths[k]) < widths[k - 1]
 
 
+def _has_own_in_skeleton(geometry: ChainGeometry, k: int) -> bool:
+  """Does layer k (1-based) hold an in-skeleton edge that is not free?
+
+  A free in-skeleton edge is also an out-skeleton edge of the same layer
+  (``K_k[t*, j, j]`` for ``j`` below both widths), which the edge loops set
+  to zero. Where every in-skeleton edge of a layer is free (equal widths,
+  the common case), its per-node in-skeleton values would be computed and
+  discarded: skipping them saves two selects per edge and their kernels.
+  """
+  return k < len(geometry.layers) and not free_in_skeleton(geometry, k).all()
+
+
 # --------------------------------------------- inverse chain rule, §3 ---
 
 
@@ -399,7 +411,7 @@ def path_gradients(
     dtype = g.dtype
     p = (g * inv_skeleton_product(sk, k, layer)).astype(dtype)
     p = freeze_non_finite(p, damage(g))
-    if k < n:
+    if _has_own_in_skeleton(geometry, k):
       g_s = in_skeleton(g, layer)
       q = (sk.a[k - 1] * g_s - U[k]) * safe_reciprocal(
           in_skeleton_values(sk, k)
@@ -474,7 +486,7 @@ def allocate(
     if k > 1:
       r_in = along_in(r[k - 1], layer)
       d = (d - w * r_in) * along_in(inv_rho[k - 1], layer)
-    if k < n:
+    if _has_own_in_skeleton(geometry, k):
       # In-skeleton edges, per node j (input node j mod n_in): one value per
       # column instead of a formula evaluated on every edge and discarded.
       if k > 1:
