@@ -1,0 +1,97 @@
+"""ecopt.paths helpers checked against plain numpy indexing.
+
+The per-node broadcasts are what every edge loop reads, and the skip of
+free in-skeleton edges rests on a containment between the two skeleton
+masks; both are checked here directly, on a dense chain, a conv chain and a
+conv chain with a Dense head after a flatten (whose rows are position *
+n_in + node).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ecopt
+from ecopt import paths
+from ecopt import structure
+
+RNG = np.random.default_rng(0)
+
+
+def _dense(widths):
+  params = {
+      f"l{k}": {"kernel": jnp.zeros((widths[k], widths[k + 1]))}
+      for k in range(len(widths) - 1)
+  }
+  return params, ecopt.Chain(*params)
+
+
+def _conv_with_head(channels, image, classes):
+  params = {}
+  for k in range(len(channels) - 1):
+    params[f"c{k}"] = {"kernel": jnp.zeros((3, 3, channels[k], channels[k + 1]))}
+  params["head"] = {
+      "kernel": jnp.zeros((image * image * channels[-1], classes))
+  }
+  return params, ecopt.Chain(*params)
+
+
+CHAINS = {
+    "dense_equal": lambda: _dense([4, 4, 4, 3]),
+    "dense_mixed": lambda: _dense([5, 3, 7, 7, 2]),
+    "conv_head": lambda: _conv_with_head([2, 3, 3], 2, 4),
+}
+
+
+def _geometry(name):
+  params, spec = CHAINS[name]()
+  return structure.resolve(params, spec).chains[0]
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_per_node_broadcasts_match_numpy_indexing(name):
+  geometry = _geometry(name)
+  for layer in geometry.layers:
+    rows, cols = layer.shape[-2], layer.shape[-1]
+    x_in = RNG.standard_normal(layer.n_in)
+    x_out = RNG.standard_normal(layer.n_out)
+    # Row r of the kernel is input node r mod n_in (a flatten head's rows
+    # are position * n_in + node); column j is output node j.
+    want_in = np.broadcast_to(x_in[np.arange(rows) % layer.n_in][:, None], (rows, cols))
+    want_out = np.broadcast_to(x_out[None, :], (rows, cols))
+    want_in = np.broadcast_to(want_in, layer.shape)
+    want_out = np.broadcast_to(want_out, layer.shape)
+    for fn, x, want in [
+        (paths.along_in, x_in, want_in),
+        (paths.broadcast_in, x_in, want_in),
+        (paths.along_out, x_out, want_out),
+        (paths.broadcast_out, x_out, want_out),
+    ]:
+      got = jax.jit(lambda v, fn=fn: fn(v, layer))(jnp.asarray(x))
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{layer.name} {fn.__name__}")
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_free_in_skeleton_edges_are_out_skeleton_edges(name):
+  # The premise of skipping a layer's in-skeleton values when all its
+  # in-skeleton edges are free: the loops zero out-skeleton edges anyway.
+  geometry = _geometry(name)
+  for k, layer in enumerate(geometry.layers, start=1):
+    if k == 1 or k == len(geometry.layers):
+      continue
+    in_mask = np.asarray(paths.in_skeleton_mask(layer))
+    out_mask = np.asarray(paths.out_skeleton_mask(layer))
+    free = paths.free_in_skeleton(geometry, k)
+    cols = np.arange(layer.n_out)
+    # In-skeleton edge of node j sits in column j; keep the free ones.
+    free_in = in_mask & np.broadcast_to(free[cols], in_mask.shape)
+    assert not np.any(free_in & ~out_mask), layer.name
+    if free.all():
+      assert not np.any(in_mask & ~out_mask), layer.name
+    else:
+      # Some in-skeleton edge is not free: it must not be an out-skeleton
+      # edge, or the skip's condition would be too weak to matter.
+      assert np.any(in_mask & ~out_mask), layer.name
