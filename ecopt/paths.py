@@ -482,7 +482,23 @@ def allocate(
   out, out_bias = [], []
   for k, layer in enumerate(layers, start=1):
     w = views[k - 1]
-    d = path_updates[k - 1] * inv_skeleton_product(sk, k, layer)
+    dv = path_updates[k - 1]
+    if k == 1 or k == n:
+      # At the ends of the chain 1/S_e is one per-node factor (B = 1 at
+      # level 0, F = 1 at level n), into which XLA folds the inner's last
+      # scale (the learning rate): a NaN marker reading dv then reads the
+      # inner's output a second time, and XLA writes the whole update of
+      # that layer to memory when it is expensive (Adam's divide). So dv is
+      # read once: t = dv * (factor, or 1 where it is 0) is NaN exactly
+      # where dv is, and d = t * (1, or 0 there) is dv * factor bit for bit.
+      factor = sk.inv_F[k] if k == 1 else sk.inv_B[k - 1]
+      along = along_out if k == 1 else along_in
+      regular = factor != 0
+      t = dv * along(jnp.where(regular, factor, 1.0), layer)
+      d = t * along(regular.astype(factor.dtype), layer)
+    else:
+      t = dv
+      d = dv * inv_skeleton_product(sk, k, layer)
     if k > 1:
       r_in = along_in(r[k - 1], layer)
       d = (d - w * r_in) * along_in(inv_rho[k - 1], layer)
@@ -497,7 +513,7 @@ def allocate(
       d = jnp.where(in_skeleton_mask(layer), along_out(d_s, layer), d)
     if k > 1:
       d = jnp.where(out_skeleton_mask(layer), 0.0, d)
-    out.append(freeze_non_finite(d, nan_marker(path_updates[k - 1]), w + d))
+    out.append(freeze_non_finite(d, nan_marker(t), w + d))
     dvb = bias_path_updates[k - 1]
     out_bias.append(
         None
