@@ -483,19 +483,21 @@ def allocate(
   for k, layer in enumerate(layers, start=1):
     w = views[k - 1]
     dv = path_updates[k - 1]
-    if k == 1 or k == n:
-      # At the ends of the chain 1/S_e is one per-node factor (B = 1 at
-      # level 0, F = 1 at level n), into which XLA folds the inner's last
-      # scale (the learning rate): a NaN marker reading dv then reads the
-      # inner's output a second time, and XLA writes the whole update of
-      # that layer to memory when it is expensive (Adam's divide). So dv is
-      # read once: t = dv * (factor, or 1 where it is 0) is NaN exactly
-      # where dv is, and d = t * (1, or 0 there) is dv * factor bit for bit.
-      factor = sk.inv_F[k] if k == 1 else sk.inv_B[k - 1]
-      along = along_out if k == 1 else along_in
+    if k == n:
+      # In the last layer 1/S_e is one per-node factor (F = 1 at level n),
+      # into which XLA folds the inner's last scale (the learning rate): a
+      # NaN marker reading dv then reads the inner's output a second time,
+      # and XLA writes the layer's whole update to memory when it is
+      # expensive (Adam's divide; a classifier head can be most of the
+      # parameters). So dv is read once: t = dv * (factor, or 1 where it is
+      # 0) is NaN exactly where dv is, and d = t * (1, or 0 there) is
+      # dv * factor bit for bit. The first layer has one factor too (B = 1
+      # at level 0), but its update is written out anyway, for the gather
+      # of its in-skeleton entries, so the split would only cost there.
+      factor = sk.inv_B[k - 1]
       regular = factor != 0
-      t = dv * along(jnp.where(regular, factor, 1.0), layer)
-      d = t * along(regular.astype(factor.dtype), layer)
+      t = dv * along_in(jnp.where(regular, factor, 1.0), layer)
+      d = t * along_in(regular.astype(factor.dtype), layer)
     else:
       t = dv
       d = dv * inv_skeleton_product(sk, k, layer)
