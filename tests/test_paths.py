@@ -55,15 +55,13 @@ def _geometry(name):
 def test_per_node_broadcasts_match_numpy_indexing(name):
   geometry = _geometry(name)
   for layer in geometry.layers:
-    rows, cols = layer.shape[-2], layer.shape[-1]
+    rows = layer.shape[-2]
     x_in = RNG.standard_normal(layer.n_in)
     x_out = RNG.standard_normal(layer.n_out)
     # Row r of the kernel is input node r mod n_in (a flatten head's rows
     # are position * n_in + node); column j is output node j.
-    want_in = np.broadcast_to(x_in[np.arange(rows) % layer.n_in][:, None], (rows, cols))
-    want_out = np.broadcast_to(x_out[None, :], (rows, cols))
-    want_in = np.broadcast_to(want_in, layer.shape)
-    want_out = np.broadcast_to(want_out, layer.shape)
+    want_in = np.broadcast_to(x_in[np.arange(rows) % layer.n_in][:, None], layer.shape)
+    want_out = np.broadcast_to(x_out, layer.shape)
     for fn, x, want in [
         (paths.along_in, x_in, want_in),
         (paths.broadcast_in, x_in, want_in),
