@@ -124,18 +124,47 @@ def _static_gather(x: jax.Array, index: np.ndarray) -> jax.Array:
   )
 
 
-def _entries(
-    kernel: jax.Array, layer: LayerGeometry, nodes: np.ndarray, cols: np.ndarray
+def _column_entries(
+    kernel: jax.Array,
+    layer: LayerGeometry,
+    nodes: np.ndarray,
+    distinct: bool = True,
 ) -> jax.Array:
-  """``K[t*, nodes, cols]``, the kernel in its own shape, as one gather."""
-  window = np.broadcast_to(
-      np.asarray(layer.skeleton_window, np.int64),
-      (len(nodes), len(layer.skeleton_window)),
-  )
+  """``K[t*, nodes[c, p], c]`` for every column ``c``: shape ``(n_out, P)``.
+
+  One gather batched over the output axis: each column reads its own
+  entries. Where a kernel's columns are split across devices (hidden units
+  sharded), XLA's partitioner then keeps the gather local; a gather with
+  free indices into the whole kernel made it move index tables and
+  vectors between devices. ``distinct``: each column's nodes increase
+  along ``p`` (the gather's sorted and unique hints).
+  """
+  window = layer.skeleton_window
   index = np.concatenate(
-      [window, (layer.skeleton_row + nodes)[:, None], cols[:, None]], axis=1
+      [
+          np.broadcast_to(
+              np.asarray(window, np.int64), nodes.shape + (len(window),)
+          ),
+          (layer.skeleton_row + nodes)[..., None],
+      ],
+      axis=-1,
   )
-  return _static_gather(kernel, index)
+  last = kernel.ndim - 1
+  return jax.lax.gather(
+      kernel,
+      jnp.asarray(index, np.int32),
+      jax.lax.GatherDimensionNumbers(
+          offset_dims=(),
+          collapsed_slice_dims=tuple(range(last)),
+          start_index_map=tuple(range(last)),
+          operand_batching_dims=(last,),
+          start_indices_batching_dims=(0,),
+      ),
+      slice_sizes=(1,) * kernel.ndim,
+      indices_are_sorted=distinct,
+      unique_indices=distinct,
+      mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
 
 
 def in_skeleton(kernel: jax.Array, layer: LayerGeometry) -> jax.Array:
@@ -143,15 +172,26 @@ def in_skeleton(kernel: jax.Array, layer: LayerGeometry) -> jax.Array:
   if layer.diagonal:
     return kernel
   cols = np.arange(layer.n_out)
-  return _entries(kernel, layer, cols % layer.n_in, cols)
+  return _column_entries(kernel, layer, (cols % layer.n_in)[:, None])[:, 0]
 
 
 def out_skeleton(kernel: jax.Array, layer: LayerGeometry) -> jax.Array:
-  """``K[t*, i, i mod n_out]`` for ``i < n_in``: out-skeleton entries."""
+  """``K[t*, i, i mod n_out]`` for ``i < n_in``: out-skeleton entries.
+
+  Column ``c`` holds those of rows ``c, c + n_out, ...``: read per column
+  (``(n_out, P)``) and put back in row order.
+  """
   if layer.diagonal:
     return kernel
-  rows = np.arange(layer.n_in)
-  return _entries(kernel, layer, rows, rows % layer.n_out)
+  n_in, n_out = layer.n_in, layer.n_out
+  per_column = -(-n_in // n_out)
+  rows = np.arange(n_out)[:, None] + n_out * np.arange(per_column)[None, :]
+  inside = rows < n_in
+  # Rows past the last node read row 0 and are cut off after the transpose.
+  entries = _column_entries(
+      kernel, layer, np.where(inside, rows, 0), distinct=bool(inside.all())
+  )
+  return entries.T.reshape(-1)[:n_in]
 
 
 def _skeleton_mask(layer: LayerGeometry, out_edges: bool) -> jax.Array:

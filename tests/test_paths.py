@@ -1,10 +1,10 @@
 """ecopt.paths helpers checked against plain numpy indexing.
 
-The per-node broadcasts are what every edge loop reads, and the skip of
-free in-skeleton edges rests on a containment between the two skeleton
-masks; both are checked here directly, on a dense chain, a conv chain and a
-conv chain with a Dense head after a flatten (whose rows are position *
-n_in + node).
+The skeleton entries and per-node broadcasts are what every edge loop
+reads, and the skip of free in-skeleton edges rests on a containment
+between the two skeleton masks; all are checked here directly, on a dense
+chain, a conv chain and a conv chain with a Dense head after a flatten
+(whose rows are position * n_in + node).
 """
 
 from __future__ import annotations
@@ -93,3 +93,24 @@ def test_free_in_skeleton_edges_are_out_skeleton_edges(name):
       # Some in-skeleton edge is not free: it must not be an out-skeleton
       # edge, or the skip's condition would be too weak to matter.
       assert np.any(in_mask & ~out_mask), layer.name
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_skeleton_entries_match_numpy_indexing(name):
+  # dense_mixed has widths that do not divide each other (5 -> 3, 7 -> 2:
+  # several out-skeleton entries per column, the last block short; 3 -> 7:
+  # fewer rows than columns), the conv head a flatten's position rows.
+  geometry = _geometry(name)
+  for layer in geometry.layers:
+    kernel = RNG.standard_normal(layer.shape).astype(np.float32)
+    view = kernel.reshape(layer.view_shape)
+    tap = layer.skeleton_tap
+    cols, rows = np.arange(layer.n_out), np.arange(layer.n_in)
+    for fn, want in [
+        (paths.in_skeleton, view[tap, cols % layer.n_in, cols]),
+        (paths.out_skeleton, view[tap, rows, rows % layer.n_out]),
+    ]:
+      got = jax.jit(lambda k, fn=fn: fn(k, layer))(jnp.asarray(kernel))
+      np.testing.assert_array_equal(
+          np.asarray(got), want, err_msg=f"{layer.name} {fn.__name__}"
+      )

@@ -82,9 +82,11 @@ def collectives(text):
     m = re.search(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|"
                   r"all-to-all|collective-permute)(?:-start)?\(", line)
     if m:
+      shapes = re.findall(r"([a-z]+)\d+\[([\d,]*)\]", m.group(1))
       sizes = [int(np.prod([int(d) for d in dims.split(",") if d]))
-               for dims in re.findall(r"[a-z]\d+\[([\d,]*)\]", m.group(1))]
-      out.append((m.group(2), max(sizes or [0])))
+               for _, dims in shapes]
+      kinds = sorted({kind for kind, _ in shapes})
+      out.append((m.group(2), max(sizes or [0]), kinds))
   return out
 
 results = {}
@@ -170,7 +172,12 @@ def test_update_communicates_only_per_node_vectors(sharded_results, name):
   coll = sharded_results[name]["collectives"]
   # The row sums of a layer sharded along its outputs need a reduction
   # across the model axis.
-  assert any(op == "all-reduce" for op, _ in coll), coll
+  assert any(op == "all-reduce" for op, _, _ in coll), coll
   # Nothing parameter-sized moves: the kernels have 192 to 384 entries, the
   # widest level 24 nodes.
-  assert all(size <= 3 * 24 for _, size in coll), coll
+  assert all(size <= 3 * 24 for _, size, _ in coll), coll
+  # Only values move, never the gathers' index tables: the skeleton entries
+  # are read by gathers batched over the kernel's columns, which the
+  # partitioner keeps on the device that owns each column (gathers with
+  # free indices made it permute and all-gather their s32 index tables).
+  assert all(kinds == ["f"] for _, _, kinds in coll), coll
