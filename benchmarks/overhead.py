@@ -130,11 +130,14 @@ def model_table(quick: bool, cnn_batch: Optional[int]):
         ("mlp_a", "MLP 784-256-256-256-10", lambda: make_mlp([784, 256, 256, 256, 10]), 32),
         ("mlp_b", "MLP 3072-512-512-10", lambda: make_mlp([3072, 512, 512, 10]), 32),
         ("cnn", "PlainNet 4x conv3x3 16ch, 16x16x3", lambda: make_cnn([16] * 4, 16), cnn_batch or 4),
+        ("cnn_wide", "PlainNet 2x conv3x3 64ch, 8x8x3", lambda: make_cnn([64] * 2, 8), 4),
     ]
   return [
       ("mlp_a", "MLP 784-1024-1024-1024-10", lambda: make_mlp([784, 1024, 1024, 1024, 10]), 128),
       ("mlp_b", "MLP 3072-4096-4096-10", lambda: make_mlp([3072, 4096, 4096, 10]), 256),
       ("cnn", "PlainNet 8x conv3x3 64ch, 32x32x3", lambda: make_cnn([64] * 8, 32), cnn_batch or 128),
+      # ResNet-like channel counts: the row sums of wide conv kernels.
+      ("cnn_wide", "PlainNet 4x conv3x3 256ch, 8x8x3", lambda: make_cnn([256] * 4, 8), 16),
   ]
 
 
@@ -340,7 +343,7 @@ def bench_model(name, desc, builder, batch, args, log):
 
   # Full step.
   names = sorted({k for pair in STEP_PAIRS for k in pair if k in opts})
-  rounds = args.rounds if name != "cnn" else args.cnn_rounds
+  rounds = args.cnn_rounds if name.startswith("cnn") else args.rounds
   runners = {}
   for k in names:
     opt = opts[k]()
@@ -781,7 +784,7 @@ def main(argv=None):
   parser.add_argument("--compile-reps", type=int, default=None)
   parser.add_argument("--cnn-batch", type=int, default=None,
                       help="CNN batch (default 128; 4 with --quick)")
-  parser.add_argument("--models", default="mlp_a,mlp_b,cnn")
+  parser.add_argument("--models", default="mlp_a,mlp_b,cnn,cnn_wide")
   parser.add_argument("--no-scaling", action="store_true")
   parser.add_argument("--no-sharded", action="store_true")
   parser.add_argument("--out", default=None)

@@ -299,13 +299,13 @@ def row_sums(x: jax.Array, layer: LayerGeometry) -> jax.Array:
   """Sum over all edges leaving each input node of the layer."""
   if layer.diagonal:
     return x
-  if layer.taps > 1:
-    # Taps first, over rows of in*out contiguous entries: a reduction along a
-    # short minor axis (a 10-class head after a flatten) is several times
-    # slower on CPU. A reshape feeding a reduction costs no copy.
-    x = jnp.sum(x.reshape(layer.taps, layer.n_in * layer.n_out), axis=0)
-    x = x.reshape(layer.n_in, layer.n_out)
-  return jnp.sum(x, axis=tuple(range(x.ndim - 2)) + (x.ndim - 1,))
+  # Output nodes first (the contiguous minor axis), then taps over a small
+  # (taps, n_in) array. Taps first, over (taps, n_in * n_out), hits a slow
+  # path of XLA:CPU's reductions when n_in * n_out is large: a 3x3 conv of
+  # 512 channels took 14 ms instead of 0.3 ms, a 7x7x512 -> 1000 head
+  # 190 ms instead of 6.5 ms.
+  x = jnp.sum(x, axis=-1)
+  return jnp.sum(x.reshape(layer.taps, layer.n_in), axis=0)
 
 
 def col_sums(x: jax.Array, layer: LayerGeometry) -> jax.Array:

@@ -114,3 +114,20 @@ def test_skeleton_entries_match_numpy_indexing(name):
       np.testing.assert_array_equal(
           np.asarray(got), want, err_msg=f"{layer.name} {fn.__name__}"
       )
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_row_and_col_sums_match_numpy(name):
+  geometry = _geometry(name)
+  for layer in geometry.layers:
+    x = RNG.standard_normal(layer.shape).astype(np.float32)
+    view = x.astype(np.float64).reshape(layer.view_shape)
+    for fn, want in [
+        (paths.row_sums, view.sum(axis=(0, 2))),
+        (paths.col_sums, view.sum(axis=(0, 1))),
+    ]:
+      got = jax.jit(lambda v, fn=fn: fn(v, layer))(jnp.asarray(x))
+      np.testing.assert_allclose(
+          np.asarray(got), want, rtol=1e-5, atol=1e-5,
+          err_msg=f"{layer.name} {fn.__name__}",
+      )
