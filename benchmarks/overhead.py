@@ -21,7 +21,10 @@ Also reported: the compiled step's temporary memory from XLA's memory
 analysis (the update's extra memory is the difference to the optax
 counterpart, set against the parameter bytes), trace and compile times, the
 update's cost at three MLP sizes (to show it grows linearly in the number of
-parameters m), and, in a subprocess with 8 simulated CPU devices, the step
+parameters m), the update alone across ``ecopt.zoo`` architectures (residual
+branches, BatchNorm chains, 1-D convs, unequal widths, large heads: shapes
+where a slow path would show), and, in a subprocess with 8 simulated CPU
+devices, the step
 sharded (batch over a ``data`` axis, hidden units over a ``model`` axis) vs
 unsharded, their agreement, and the collectives XLA inserted.
 
@@ -429,6 +432,87 @@ def bench_scaling(args, log):
   return out
 
 
+# ------------------------------------------------------------------ zoo ---
+
+
+def zoo_table(quick: bool):
+  """(name, description, model, input shape) of the architecture sweep."""
+  from ecopt.zoo import linen as zl  # pylint: disable=g-import-not-at-top
+
+  if quick:
+    return [
+        ("resnet", "ResNet stages 16-32, BN", zl.ResNet(stage_channels=(16, 32)), (16, 16, 3)),
+        ("plainnet_head", "PlainNet 16-32, pool, 100-way head", zl.PlainNet(channels=(16, 32), num_classes=100), (16, 16, 3)),
+        ("cnn1d", "CNN1D 16-32, kernel 5", zl.CNN1D(channels=(16, 32)), (64, 1)),
+        ("mlp_uneven", "MLP 784-300-100-10", zl.MLP(features=(300, 100, 10)), (784,)),
+    ]
+  return [
+      ("resnet18", "ResNet stages 64-128-256-512 x2 blocks, BN",
+       zl.ResNet(stage_channels=(64, 128, 256, 512), blocks_per_stage=2), (32, 32, 3)),
+      ("plainnet_head", "PlainNet 64-128, pool, 1000-way head on 28x28",
+       zl.PlainNet(channels=(64, 128), num_classes=1000), (28, 28, 3)),
+      ("plainnet_bn", "PlainNet 4x128, BN, pool",
+       zl.PlainNet(channels=(128,) * 4, use_bn=True), (32, 32, 3)),
+      ("cnn1d", "CNN1D 64-128-256, kernel 5",
+       zl.CNN1D(channels=(64, 128, 256)), (128, 1)),
+      ("mlp_head", "MLP 784-512-512-8000",
+       zl.MLP(features=(512, 512, 8000)), (784,)),
+      ("mlp_uneven", "MLP 784-1500-700-2000-10",
+       zl.MLP(features=(1500, 700, 2000, 10)), (784,)),
+  ]
+
+
+def bench_zoo(args, log):
+  """Update alone of g_sgd / g_space(adam) against optax across ecopt.zoo.
+
+  Shapes the fixed models do not have (residual branches, BatchNorm chains,
+  1-D convs, unequal widths, large heads): a slow path that depends on a
+  kernel's shape shows up here. Random gradients (the update's cost does
+  not depend on their values), params from ``ecopt.skeleton_init``.
+  """
+  jax, jnp, optax, _, ecopt = _imports()
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  pairs = [("g_sgd", "sgd"), ("g_adam", "adam")]
+  out = {}
+  for name, desc, model, shape in zoo_table(args.quick):
+    x = jnp.ones((2,) + tuple(shape), jnp.float32)
+    spec = model.spec()
+    params = ecopt.skeleton_init(
+        model.init(jax.random.key(0), x)["params"], spec)
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(0)
+    grads = jax.tree.unflatten(treedef, [
+        jnp.asarray(1e-2 * rng.standard_normal(l.shape), l.dtype)
+        for l in leaves])
+    opts = {"sgd": optax.sgd(1e-3), "g_sgd": ecopt.g_sgd(1e-3, spec),
+            "adam": optax.adam(1e-4),
+            "g_adam": ecopt.g_space(optax.adam(1e-4), spec)}
+    runners = {}
+    for k, opt in opts.items():
+
+      def update(p, s, g, opt=opt):
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      fn = jax.jit(update, donate_argnums=(0, 1))
+      carry = [jax.tree.map(jnp.copy, params), None]
+      carry[1] = opt.init(carry[0])
+
+      def run(carry=carry, fn=fn):
+        carry[0], carry[1] = fn(carry[0], carry[1], grads)
+        jax.block_until_ready(carry[0])
+
+      run()
+      runners[k] = run
+    wall, cpu = time_interleaved(runners, args.rounds, args.update_inner)
+    res = summarise(wall, cpu, pairs)
+    out[name] = {"description": desc, "input": list(shape),
+                 "num_params": int(sum(l.size for l in leaves)), **res}
+    log(f"[zoo] {name} ({out[name]['num_params']} params): " + _brief(res))
+  return out
+
+
 # -------------------------------------------------------------- sharded ---
 
 
@@ -736,6 +820,21 @@ def markdown(results):
         f" {row['g_sgd_ns_per_param']:.3f} | {row['sgd_ns_per_param']:.3f} |"
         f" {row['ratios']['g_sgd/sgd']['wall']['median']:.3f} |")
     w("")
+  if results.get("zoo"):
+    w("### Update alone across `ecopt.zoo` architectures (random gradients)")
+    w("")
+    w("| model | params m | pair | new ms (wall) | base ms (wall) |"
+      " ratio wall [q25, q75] |")
+    w("| --- | --- | --- | --- | --- | --- |")
+    for mname, m in results["zoo"].items():
+      for pair, r in m["ratios"].items():
+        new, base = pair.split("/")
+        rw = r["wall"]
+        w(f"| {mname}: {m['description']} | {m['num_params']} | {pair} |"
+          f" {m['times'][new]['wall_ms']['median']:.2f} |"
+          f" {m['times'][base]['wall_ms']['median']:.2f} |"
+          f" {rw['median']:.3f} [{rw['q25']:.3f}, {rw['q75']:.3f}] |")
+    w("")
   if results.get("sharded"):
     s = results["sharded"]
     w(f"### Sharded: 8 simulated CPU devices, mesh data=2 x model=4, MLP"
@@ -786,6 +885,8 @@ def main(argv=None):
                       help="CNN batch (default 128; 4 with --quick)")
   parser.add_argument("--models", default="mlp_a,mlp_b,cnn,cnn_wide")
   parser.add_argument("--no-scaling", action="store_true")
+  parser.add_argument("--no-zoo", action="store_true",
+                      help="skip the update-alone sweep over ecopt.zoo")
   parser.add_argument("--no-sharded", action="store_true")
   parser.add_argument("--out", default=None)
   parser.add_argument("--readme", action="store_true",
@@ -816,6 +917,8 @@ def main(argv=None):
                                             log)
   if not args.no_scaling:
     results["scaling"] = bench_scaling(args, log)
+  if not args.no_zoo:
+    results["zoo"] = bench_zoo(args, log)
   if not args.no_sharded:
     results["sharded"] = bench_sharded(args, log)
   results["load_average_end"] = (list(os.getloadavg())
