@@ -250,32 +250,46 @@ class Case:
     return jax.jit(step, donate_argnums=(0, 1))
 
   def update_fn(self, opt):
-    jax, _, optax, _, _ = _imports()
-
-    def update(params, state, grads):
-      updates, state = opt.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
-    return jax.jit(update, donate_argnums=(0, 1))
+    return jit_update(opt)
 
   def fresh(self, opt):
-    jax, jnp, _, _, _ = _imports()
-    params = jax.tree.map(jnp.copy, self.params)
-    return params, opt.init(params)
+    return fresh(self.params, opt)
 
   def runner(self, fn, opt, extra):
-    """A closure that runs ``fn`` once, carrying donated params and state."""
-    jax, _, _, _, _ = _imports()
-    carry = list(self.fresh(opt))
+    return runner(fn, self.params, opt, extra)
 
-    def run():
-      carry[0], carry[1] = fn(carry[0], carry[1], *extra)
-      jax.block_until_ready(carry[0])
 
-    run()  # compile and warm up
-    run()
-    run.carry = carry
-    return run
+def jit_update(opt):
+  """The jitted update alone (``update`` + ``apply_updates``), donated."""
+  jax, _, optax, _, _ = _imports()
+
+  def update(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(update, donate_argnums=(0, 1))
+
+
+def fresh(params, opt):
+  """A copy of ``params`` (donated away by the runs) and its ``opt`` state."""
+  jax, jnp, _, _, _ = _imports()
+  params = jax.tree.map(jnp.copy, params)
+  return params, opt.init(params)
+
+
+def runner(fn, params, opt, extra):
+  """A closure that runs ``fn`` once, carrying donated params and state."""
+  jax, _, _, _, _ = _imports()
+  carry = list(fresh(params, opt))
+
+  def run():
+    carry[0], carry[1] = fn(carry[0], carry[1], *extra)
+    jax.block_until_ready(carry[0])
+
+  run()  # compile and warm up
+  run()
+  run.carry = carry
+  return run
 
 
 def memory_of(compiled):
@@ -488,23 +502,8 @@ def bench_zoo(args, log):
     opts = {"sgd": optax.sgd(1e-3), "g_sgd": ecopt.g_sgd(1e-3, spec),
             "adam": optax.adam(1e-4),
             "g_adam": ecopt.g_space(optax.adam(1e-4), spec)}
-    runners = {}
-    for k, opt in opts.items():
-
-      def update(p, s, g, opt=opt):
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-      fn = jax.jit(update, donate_argnums=(0, 1))
-      carry = [jax.tree.map(jnp.copy, params), None]
-      carry[1] = opt.init(carry[0])
-
-      def run(carry=carry, fn=fn):
-        carry[0], carry[1] = fn(carry[0], carry[1], grads)
-        jax.block_until_ready(carry[0])
-
-      run()
-      runners[k] = run
+    runners = {k: runner(jit_update(opt), params, opt, (grads,))
+               for k, opt in opts.items()}
     wall, cpu = time_interleaved(runners, args.rounds, args.update_inner)
     res = summarise(wall, cpu, pairs)
     out[name] = {"description": desc, "input": list(shape),

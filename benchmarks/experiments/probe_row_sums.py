@@ -47,7 +47,7 @@ import optax  # noqa: E402
 
 import ecopt  # noqa: E402
 from ecopt import paths  # noqa: E402
-import overhead  # noqa: E402  (benchmarks/overhead.py: the interleaved timer)
+import overhead  # noqa: E402  (benchmarks/overhead.py: runners and timer)
 
 WIDTHS = (784, 1024, 1024, 1024, 10)
 
@@ -113,8 +113,7 @@ def main(argv=None):
     return jax.jit(step, donate_argnums=(0, 1))
 
   g_sgd = lambda: ecopt.g_sgd(1e-3, spec, momentum=0.9)
-  steps = [make_step(g_sgd(), probe)(
-      jax.tree.map(jnp.copy, params), g_sgd().init(params), x, y)[0]
+  steps = [make_step(g_sgd(), probe)(*overhead.fresh(params, g_sgd()), x, y)[0]
            for probe in (False, True)]
   diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
              for a, b in zip(*map(jax.tree.leaves, steps)))
@@ -131,16 +130,8 @@ def main(argv=None):
   runners = {}
   for name, (make, use_probes) in configs.items():
     opt = make()
-    carry = [jax.tree.map(jnp.copy, params), None]
-    carry[1] = opt.init(carry[0])
-    fn = make_step(opt, use_probes)
-
-    def run(carry=carry, fn=fn):
-      carry[0], carry[1] = fn(carry[0], carry[1], x, y)
-      jax.block_until_ready(carry[0])
-
-    run()
-    runners[name] = run
+    runners[name] = overhead.runner(
+        make_step(opt, use_probes), params, opt, (x, y))
   wall, _ = overhead.time_interleaved(runners, args.rounds, 2)
   for new, base in [("g_sgd_m", "sgd_m"), ("g_sgd_m_probe", "sgd_m"),
                     ("g_adam", "adam"), ("g_adam_probe", "adam")]:
