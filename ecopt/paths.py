@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -276,16 +276,20 @@ def broadcast_out(x: jax.Array, layer: LayerGeometry) -> jax.Array:
   return jax.lax.broadcast_in_dim(x, layer.shape, (len(layer.shape) - 1,))
 
 
-def along_in(x: jax.Array, layer: LayerGeometry) -> jax.Array:
-  """A per-input-node vector, pinned (:func:`materialize`), broadcast to
-  the kernel's shape: for elementwise loops over the kernel."""
+def along_in(
+    x: jax.Array,
+    layer: LayerGeometry,
+    pin: Callable[[jax.Array], jax.Array] = materialize,
+) -> jax.Array:
+  """A per-input-node vector, pinned (:func:`materialize`, or ``pin``),
+  broadcast to the kernel's shape: for elementwise loops over the kernel."""
   if layer.diagonal:
     return x
   if layer.shape[-2] != x.shape[0]:
     # Pinned before it is tiled too: else its arithmetic (a whole skeleton
     # sweep) is fused into the tile and redone for every row.
-    x = tile_to(materialize(x), layer.shape[-2])
-  return broadcast_in(materialize(x), layer)
+    x = tile_to(pin(x), layer.shape[-2])
+  return broadcast_in(pin(x), layer)
 
 
 def along_out(x: jax.Array, layer: LayerGeometry) -> jax.Array:
@@ -326,6 +330,11 @@ class Skeleton:
   ``k``; ``F[0]`` is unused and None) as in ``g-space.md`` section 2;
   ``inv_B`` and ``inv_F`` their guarded reciprocals; ``a[k]`` the in-skeleton
   weights of layer ``k`` (index ``k-1``) and ``o[k]`` its out-skeleton weights.
+  ``inv_S[k-1]`` is ``1/S_e`` over layer ``k``'s kernel
+  (:func:`inv_skeleton_product`), built once per skeleton: the inverse chain
+  rule and the weight allocation share one pinned copy of each factor. Two
+  copies would cost one more kernel each, and, with hidden units sharded,
+  one more all-gather of the pinned per-node vector each.
   """
 
   B: tuple[jax.Array, ...]
@@ -334,6 +343,7 @@ class Skeleton:
   inv_F: tuple[Optional[jax.Array], ...]
   a: tuple[jax.Array, ...]
   o: tuple[jax.Array, ...]
+  inv_S: tuple[jax.Array, ...]
 
 
 def skeleton(geometry: ChainGeometry, views: Sequence[jax.Array]) -> Skeleton:
@@ -351,19 +361,18 @@ def skeleton(geometry: ChainGeometry, views: Sequence[jax.Array]) -> Skeleton:
   F[n] = jnp.ones((widths[n],), dtype)
   for k in range(n, 1, -1):
     F[k - 1] = o[k - 1] * tile_to(F[k], widths[k - 1])
+  inv_B = tuple(safe_reciprocal(b) for b in B)
+  inv_F = (None,) + tuple(safe_reciprocal(f) for f in F[1:])
+  inv_S = tuple(
+      along_in(inv_B[k - 1], layer) * along_out(inv_F[k], layer)
+      for k, layer in enumerate(layers, start=1)
+  )
   return Skeleton(
-      B=tuple(B),
-      F=tuple(F),
-      inv_B=tuple(safe_reciprocal(b) for b in B),
-      inv_F=(None,) + tuple(safe_reciprocal(f) for f in F[1:]),
-      a=a,
-      o=o,
+      B=tuple(B), F=tuple(F), inv_B=inv_B, inv_F=inv_F, a=a, o=o, inv_S=inv_S
   )
 
 
-def inv_skeleton_product(
-    sk: Skeleton, k: int, layer: LayerGeometry
-) -> jax.Array:
+def inv_skeleton_product(sk: Skeleton, k: int) -> jax.Array:
   """``1/S_e`` for every edge of layer ``k`` (1-based), broadcast.
 
   Both factors are finite, so the product is finite or overflows to Inf,
@@ -372,7 +381,7 @@ def inv_skeleton_product(
   :func:`allocate` see the resulting non-finite value with finite inputs and
   freeze the coordinate, as they do for a zero ``S_e`` (reciprocal 0).
   """
-  return along_in(sk.inv_B[k - 1], layer) * along_out(sk.inv_F[k], layer)
+  return sk.inv_S[k - 1]
 
 
 def skeleton_product(sk: Skeleton, k: int, layer: LayerGeometry) -> jax.Array:
@@ -449,7 +458,7 @@ def path_gradients(
   for k, layer in enumerate(layers, start=1):
     g = grads[k - 1]
     dtype = g.dtype
-    p = (g * inv_skeleton_product(sk, k, layer)).astype(dtype)
+    p = (g * inv_skeleton_product(sk, k)).astype(dtype)
     p = freeze_non_finite(p, damage(g))
     if _has_own_in_skeleton(geometry, k):
       g_s = in_skeleton(g, layer)
@@ -510,15 +519,34 @@ def allocate(
   max_r = jnp.asarray(1 / jnp.finfo(dtype).eps - 1, dtype)
   r: list[jax.Array] = [jnp.zeros((widths[0],), dtype)]
   for k in range(1, n):
+    free = free_in_skeleton(geometry, k)
+    inherited = tile_to(r[k - 1], widths[k])
+    if free.all():
+      # Level k inherits rho. Where widths are equal this is the very array
+      # of level k-1, so one pin (below) serves every such level.
+      r.append(inherited)
+      continue
     dv_s = in_skeleton(path_updates[k - 1], layers[k - 1])
     ratio = dv_s * safe_reciprocal(in_skeleton_values(sk, k))
     ratio = jnp.minimum(jnp.maximum(ratio, min_ratio - 1), max_r)
-    free = free_in_skeleton(geometry, k)
     if free.any():
-      ratio = jnp.where(free, tile_to(r[k - 1], widths[k]), ratio)
+      ratio = jnp.where(free, inherited, ratio)
     r.append(ratio)
   # 1/rho per node: one division per node instead of one per edge.
-  inv_rho = [None] + [1 / (1 + x) for x in r[1:]]
+  inv_rho: list[Optional[jax.Array]] = [None]
+  for k in range(1, n):
+    same = k > 1 and r[k] is r[k - 1]
+    inv_rho.append(inv_rho[k - 1] if same else 1 / (1 + r[k]))
+  # Each vector is pinned once, however many layers read it. With hidden
+  # units sharded, XLA's partitioner gathers a pinned vector once per pin:
+  # a vector pinned again for every layer was all-gathered again.
+  pins: dict[int, tuple[jax.Array, jax.Array]] = {}
+
+  def pin(x: jax.Array) -> jax.Array:
+    if id(x) not in pins:
+      pins[id(x)] = (x, materialize(x))  # x kept alive: its id stays unique
+    return pins[id(x)][1]
+
   out, out_bias = [], []
   for k, layer in enumerate(layers, start=1):
     w = views[k - 1]
@@ -540,10 +568,10 @@ def allocate(
       d = t * along_in(regular.astype(factor.dtype), layer)
     else:
       t = dv
-      d = dv * inv_skeleton_product(sk, k, layer)
+      d = dv * inv_skeleton_product(sk, k)
     if k > 1:
-      r_in = along_in(r[k - 1], layer)
-      d = (d - w * r_in) * along_in(inv_rho[k - 1], layer)
+      r_in = along_in(r[k - 1], layer, pin)
+      d = (d - w * r_in) * along_in(inv_rho[k - 1], layer, pin)
     if _has_own_in_skeleton(geometry, k):
       # In-skeleton edges, per node j (input node j mod n_in): one value per
       # column instead of a formula evaluated on every edge and discarded.
