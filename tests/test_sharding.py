@@ -7,7 +7,7 @@ CPU devices. Params are sharded with hidden units over a ``model`` mesh axis
 equal the unsharded run on one device (float64: to rounding of the
 reordered reductions), the params must keep their sharding, and the
 G-space update may communicate only per-node vectors (row sums and
-skeleton products), never a parameter-sized array.
+skeleton products), never a parameter-sized array, and each of them once.
 """
 
 import json
@@ -19,6 +19,7 @@ import pytest
 
 _SCRIPT = r"""
 import json
+import re
 import numpy as np
 import jax, jax.numpy as jnp, optax, flax.linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -76,7 +77,6 @@ def shard(tree):
                       specs, tree, is_leaf=lambda s: isinstance(s, P))
 
 def collectives(text):
-  import re
   out = []
   for line in text.split("\n"):
     m = re.search(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|"
@@ -126,7 +126,6 @@ for name, make in [
   grads = shard(jax.jit(jax.grad(loss))(params, x, y))
   upd = jax.jit(lambda g, s, p: opt.update(g, s, p))
   text = upd.lower(grads, init(ps), shard(params)).compile().as_text()
-  import re
   gathered = re.findall(r"all-gather(?:-start)?\((%[\w.\-]+)\)", text)
   results[name] = {"rel": rel, "moved": moved, "same_sharding": same_sharding,
                    "collectives": collectives(text), "gathered": gathered}
