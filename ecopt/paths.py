@@ -86,14 +86,15 @@ def compute_dtype(dtype: Any) -> Any:
 
 
 def tile_to(x: jax.Array, n: int) -> jax.Array:
-  """``x[arange(n) % len(x)]`` with a static tile and slice (no gather)."""
+  """``x[arange(n) % len(x)]`` (along the first axis) with a static tile and
+  slice (no gather)."""
   size = x.shape[0]
   if n == size:
     return x
   if n < size:
     return x[:n]
   reps = -(-n // size)
-  return jnp.tile(x, reps)[:n]
+  return jnp.tile(x, (reps,) + (1,) * (x.ndim - 1))[:n]
 
 
 def pad_to(x: jax.Array, n: int) -> jax.Array:
@@ -252,8 +253,21 @@ def materialize(x: jax.Array) -> jax.Array:
   that loop compute-bound at several times ``w - lr * g``. A gather cannot
   be fused that way, so an identity gather pins the vector to memory
   (``lax.optimization_barrier`` does not survive XLA:CPU's fusion passes).
+  An array of higher rank is pinned row by row.
   """
-  return _static_gather(x, np.arange(x.shape[0])[:, None])
+  return jax.lax.gather(
+      x,
+      jnp.asarray(np.arange(x.shape[0])[:, None], np.int32),
+      jax.lax.GatherDimensionNumbers(
+          offset_dims=tuple(range(1, x.ndim)),
+          collapsed_slice_dims=(0,),
+          start_index_map=(0,),
+      ),
+      slice_sizes=(1,) + x.shape[1:],
+      indices_are_sorted=True,
+      unique_indices=True,
+      mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+  )
 
 
 def broadcast_in(x: jax.Array, layer: LayerGeometry) -> jax.Array:
@@ -290,6 +304,28 @@ def along_in(
     # sweep) is fused into the tile and redone for every row.
     x = tile_to(pin(x), layer.shape[-2])
   return broadcast_in(pin(x), layer)
+
+
+def along_in_all(
+    xs: Sequence[jax.Array],
+    layer: LayerGeometry,
+    pin: Callable[[jax.Array], jax.Array] = materialize,
+) -> list[jax.Array]:
+  """:func:`along_in` of several per-input-node vectors of one layer.
+
+  A layer after a flatten reads each vector once per position, so each one
+  is tiled over the kernel's rows and pinned at that size. Here the vectors
+  are stacked and tiled together: one pinned ``(rows, len(xs))`` array
+  instead of ``len(xs)`` pinned tiles, each of which cost a kernel that
+  read an index table of the rows' length. Elsewhere the vectors are
+  pinned one by one (``pin``), as :func:`along_in` does; stacking them
+  there would only add a kernel.
+  """
+  rows = None if layer.diagonal else layer.shape[-2]
+  if rows is None or len(xs) < 2 or rows == xs[0].shape[0]:
+    return [along_in(x, layer, pin) for x in xs]
+  tiled = materialize(tile_to(materialize(jnp.stack(xs, axis=1)), rows))
+  return [broadcast_in(tiled[:, c], layer) for c in range(len(xs))]
 
 
 def along_out(x: jax.Array, layer: LayerGeometry) -> jax.Array:
@@ -564,14 +600,22 @@ def allocate(
       # of its in-skeleton entries, so the split would only cost there.
       factor = sk.inv_B[k - 1]
       regular = factor != 0
-      t = dv * along_in(jnp.where(regular, factor, 1.0), layer)
-      d = t * along_in(regular.astype(factor.dtype), layer)
+      per_row = [jnp.where(regular, factor, 1.0), regular.astype(factor.dtype)]
+    else:
+      per_row = []
+    if k > 1:
+      per_row += [r[k - 1], inv_rho[k - 1]]
+    per_row = along_in_all(per_row, layer, pin)
+    if k == n:
+      t = dv * per_row[0]
+      d = t * per_row[1]
+      per_row = per_row[2:]
     else:
       t = dv
       d = dv * inv_skeleton_product(sk, k)
     if k > 1:
-      r_in = along_in(r[k - 1], layer, pin)
-      d = (d - w * r_in) * along_in(inv_rho[k - 1], layer, pin)
+      r_in, inv_rho_in = per_row
+      d = (d - w * r_in) * inv_rho_in
     if _has_own_in_skeleton(geometry, k):
       # In-skeleton edges, per node j (input node j mod n_in): one value per
       # column instead of a formula evaluated on every edge and discarded.

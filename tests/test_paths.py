@@ -70,6 +70,32 @@ def test_per_node_broadcasts_match_numpy_indexing(name):
     ]:
       got = jax.jit(lambda v, fn=fn: fn(v, layer))(jnp.asarray(x))
       np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{layer.name} {fn.__name__}")
+    xs = [RNG.standard_normal(layer.n_in) for _ in range(3)]
+    got = jax.jit(lambda vs: paths.along_in_all(vs, layer))(
+        [jnp.asarray(x) for x in xs])
+    for g, x in zip(got, xs):
+      want = np.broadcast_to(x[np.arange(rows) % layer.n_in][:, None], layer.shape)
+      np.testing.assert_array_equal(np.asarray(g), want, err_msg=f"{layer.name} along_in_all")
+
+
+def _gathers(fn, *args):
+  return sum(e.primitive.name == "gather"
+             for e in jax.make_jaxpr(fn)(*args).jaxpr.eqns)
+
+
+def test_flatten_head_factors_share_one_pinned_tile():
+  head = _geometry("conv_head").layers[-1]
+  assert head.shape[-2] == 4 * head.n_in  # a head after a 2x2 flatten
+  xs = [jnp.arange(head.n_in, dtype=jnp.float32) + k for k in range(4)]
+  # One pin of the stacked per-node vectors, one of their tile over the
+  # rows, however many vectors; one by one, each needs both.
+  assert _gathers(lambda vs: paths.along_in_all(vs, head), xs) == 2
+  assert _gathers(lambda vs: [paths.along_in(v, head) for v in vs], xs) == 8
+  # A layer that needs no tile pins each vector by itself (one gather each):
+  # stacking them would only add a kernel.
+  conv = _geometry("conv_head").layers[1]
+  ys = [jnp.arange(conv.n_in, dtype=jnp.float32) + k for k in range(2)]
+  assert _gathers(lambda vs: paths.along_in_all(vs, conv), ys) == 2
 
 
 @pytest.mark.parametrize("name", sorted(CHAINS))
