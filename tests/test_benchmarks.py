@@ -2,8 +2,9 @@
 
 CI never runs the benchmark itself (timings belong to benchmarks, not to
 tests), so a short run here keeps the script from rotting: every pair the
-issue asks for must be timed, each ratio must fit the times reported, the memory and compile entries must be there, and each target's
-verdict must follow from its value. No timing is asserted.
+issue asks for must be timed, each ratio must fit the times reported, the
+memory and compile entries must be there, and each target's verdict must
+follow from its value. No timing is asserted.
 """
 
 import json
