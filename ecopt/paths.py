@@ -105,26 +105,6 @@ def pad_to(x: jax.Array, n: int) -> jax.Array:
   return jnp.pad(x, (0, n - size))
 
 
-def _static_gather(x: jax.Array, index: np.ndarray) -> jax.Array:
-  """``x[index[:, 0], index[:, 1], ...]`` for static in-bounds indices.
-
-  ``lax.gather`` directly: jnp indexing traces dozens of ops per call, and
-  the indices are static constants anyway.
-  """
-  axes = tuple(range(x.ndim))
-  return jax.lax.gather(
-      x,
-      jnp.asarray(index, np.int32),
-      jax.lax.GatherDimensionNumbers(
-          offset_dims=(), collapsed_slice_dims=axes, start_index_map=axes
-      ),
-      slice_sizes=(1,) * x.ndim,
-      indices_are_sorted=True,
-      unique_indices=True,
-      mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS,
-  )
-
-
 def _column_entries(
     kernel: jax.Array,
     layer: LayerGeometry,
@@ -600,21 +580,21 @@ def allocate(
       # of its in-skeleton entries, so the split would only cost there.
       factor = sk.inv_B[k - 1]
       regular = factor != 0
-      per_row = [jnp.where(regular, factor, 1.0), regular.astype(factor.dtype)]
+      split = [jnp.where(regular, factor, 1.0), regular.astype(factor.dtype)]
     else:
-      per_row = []
-    if k > 1:
-      per_row += [r[k - 1], inv_rho[k - 1]]
-    per_row = along_in_all(per_row, layer, pin)
+      split = []
+    # All per-input-node factors of this layer's loop, broadcast together.
+    per_row = along_in_all(
+        split + ([r[k - 1], inv_rho[k - 1]] if k > 1 else []), layer, pin
+    )
     if k == n:
       t = dv * per_row[0]
       d = t * per_row[1]
-      per_row = per_row[2:]
     else:
       t = dv
       d = dv * inv_skeleton_product(sk, k)
     if k > 1:
-      r_in, inv_rho_in = per_row
+      r_in, inv_rho_in = per_row[-2:]
       d = (d - w * r_in) * inv_rho_in
     if _has_own_in_skeleton(geometry, k):
       # In-skeleton edges, per node j (input node j mod n_in): one value per
