@@ -60,7 +60,10 @@ def test_per_node_broadcasts_match_numpy_indexing(name):
     x_out = RNG.standard_normal(layer.n_out)
     # Row r of the kernel is input node r mod n_in (a flatten head's rows
     # are position * n_in + node); column j is output node j.
-    want_in = np.broadcast_to(x_in[np.arange(rows) % layer.n_in][:, None], layer.shape)
+    def along_rows(x):
+      return np.broadcast_to(x[np.arange(rows) % layer.n_in][:, None], layer.shape)
+
+    want_in = along_rows(x_in)
     want_out = np.broadcast_to(x_out, layer.shape)
     for fn, x, want in [
         (paths.along_in, x_in, want_in),
@@ -74,8 +77,8 @@ def test_per_node_broadcasts_match_numpy_indexing(name):
     got = jax.jit(lambda vs: paths.along_in_all(vs, layer))(
         [jnp.asarray(x) for x in xs])
     for g, x in zip(got, xs):
-      want = np.broadcast_to(x[np.arange(rows) % layer.n_in][:, None], layer.shape)
-      np.testing.assert_array_equal(np.asarray(g), want, err_msg=f"{layer.name} along_in_all")
+      np.testing.assert_array_equal(
+          np.asarray(g), along_rows(x), err_msg=f"{layer.name} along_in_all")
 
 
 def _gathers(fn, *args):
