@@ -9,7 +9,7 @@ import pytest
 
 import ecopt
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 
 
 def _text():
