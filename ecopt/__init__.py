@@ -5,7 +5,6 @@ as pure-functional optax transformations for Flax params.
 """
 
 from ecopt import batchnorm
-from ecopt import zoo
 from ecopt.baselines import ScaleByPathNormState
 from ecopt.baselines import path_kappa
 from ecopt.baselines import path_sgd
@@ -32,6 +31,16 @@ from ecopt.transform import g_sgd
 from ecopt.transform import g_space
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # The zoo imports flax.linen and flax.nnx (about 2 s); it loads on first
+  # use of `ecopt.zoo`, so `import ecopt` stays light.
+  if name == "zoo":
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module("ecopt.zoo")
+  raise AttributeError(f"module 'ecopt' has no attribute {name!r}")
+
 
 __all__ = (
     "AddBasisPathDecayState",
