@@ -24,6 +24,7 @@ from ecopt.regularization import AddBasisPathDecayState
 from ecopt.regularization import add_basis_path_decay
 from ecopt.regularization import basis_path_regularizer
 from ecopt.spec import Chain
+from ecopt.spec import Layer
 from ecopt.spec import Spec
 from ecopt.structure import resolve as resolve_structure
 from ecopt.transform import GSpaceState
@@ -47,6 +48,7 @@ __all__ = (
     "Chain",
     "GSpaceState",
     "InferredSpec",
+    "Layer",
     "ScaleByPathNormState",
     "Spec",
     "add_basis_path_decay",

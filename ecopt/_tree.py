@@ -6,8 +6,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ecopt import paths as paths_lib
+from ecopt import numerics
 from ecopt import spec as spec_lib
 from ecopt import structure as structure_lib
 from ecopt.structure import ChainGeometry, Structure
@@ -45,21 +46,48 @@ def chain_views(
 ) -> tuple[list[jax.Array], list[Optional[jax.Array]]]:
   """Kernels and biases of one chain, in the compute dtype.
 
-  Kernels keep their own shapes (``ecopt.paths`` reads them as
-  ``(taps, in, out)`` through ``LayerGeometry``): a reshape here would make
-  XLA copy every updated kernel instead of writing it in place. The compute
-  dtype is float32 for 16-bit parameters.
+  Kernels come in the canonical layout ``(*window, rows, n_out)`` of
+  ``LayerGeometry.shape`` (``ecopt.paths`` reads it as ``(taps, in, out)``).
+  An ordinary Dense or Flax conv kernel already has it and is passed as it
+  is: a reshape here would make XLA copy every updated kernel instead of
+  writing it in place. Other layouts (``DenseGeneral``, ``Einsum``) are
+  transposed and reshaped, and ``write_chain`` undoes it. Biases are 1-D.
+  The compute dtype is float32 for 16-bit parameters.
   """
-  dtype = paths_lib.compute_dtype(leaves[geometry.layers[0].kernel_index].dtype)
+  dtype = numerics.compute_dtype(leaves[geometry.layers[0].kernel_index].dtype)
   views, biases = [], []
   for layer in geometry.layers:
-    kernel = jnp.asarray(leaves[layer.kernel_index])
+    kernel = to_canonical(layer, jnp.asarray(leaves[layer.kernel_index]))
     views.append(kernel.astype(dtype))
     if layer.bias_index is None:
       biases.append(None)
     else:
-      biases.append(jnp.asarray(leaves[layer.bias_index]).astype(dtype))
+      bias = jnp.asarray(leaves[layer.bias_index])
+      bias = bias if bias.ndim == 1 else bias.reshape(-1)
+      biases.append(bias.astype(dtype))
   return views, biases
+
+
+def to_canonical(layer: structure_lib.LayerGeometry, kernel: jax.Array) -> jax.Array:
+  """A kernel leaf in the canonical layout ``layer.shape``.
+
+  For an ordinary Dense or Flax conv kernel the leaf already has that layout
+  and no operation is emitted, so XLA keeps updating it in place.
+  """
+  if layer.permutation is not None:
+    kernel = jnp.transpose(kernel, layer.permutation)
+  return kernel if kernel.shape == layer.shape else kernel.reshape(layer.shape)
+
+
+def to_leaf(layer: structure_lib.LayerGeometry, view: jax.Array) -> jax.Array:
+  """Inverse of :func:`to_canonical`: a canonical-layout array as the leaf."""
+  if layer.canonical:
+    return view
+  if layer.permutation is None:
+    return view.reshape(layer.leaf_shape)
+  permuted = tuple(layer.leaf_shape[a] for a in layer.permutation)
+  inverse = tuple(int(i) for i in np.argsort(layer.permutation))
+  return jnp.transpose(view.reshape(permuted), inverse)
 
 
 def write_chain(
@@ -72,28 +100,41 @@ def write_chain(
   """Writes per-layer results into ``out``, with the shapes/dtypes of ``like``."""
   for layer, view, bias in zip(geometry.layers, views, biases):
     ref = like[layer.kernel_index]
-    out[layer.kernel_index] = view.astype(ref.dtype)
+    out[layer.kernel_index] = to_leaf(layer, view).astype(ref.dtype)
     if layer.bias_index is not None and bias is not None:
       ref = like[layer.bias_index]
+      if bias.shape != jnp.shape(ref):
+        bias = bias.reshape(jnp.shape(ref))
       out[layer.bias_index] = bias.astype(ref.dtype)
 
 
-ChainFn = Callable[
-    [ChainGeometry, list, list],
-    tuple[Sequence[jax.Array], Sequence[Optional[jax.Array]]],
-]
+def map_chain_leaves(
+    structure: Structure,
+    fn: Callable[..., tuple[Sequence[jax.Array], Sequence[Optional[jax.Array]]]],
+    trees: Sequence[Sequence[Any]],
+    like: Sequence[Any],
+) -> list[Any]:
+  """``like`` with each chain's leaves replaced by ``fn(geometry, *views)``.
 
-
-def map_chains(params: Any, spec: spec_lib.Spec, fn: ChainFn) -> Any:
-  """Applies ``fn(geometry, views, biases) -> (views, biases)`` to each chain.
-
-  Leaves outside every chain are returned unchanged.
+  ``trees`` are flat leaf lists in the params' layout; ``fn`` receives one
+  ``(kernels, biases)`` pair for each and returns new kernels and biases,
+  written back with the shapes and dtypes of ``like``. Leaves outside every
+  chain are those of ``like``.
   """
+  out = list(like)
+  for geometry in structure.chains:
+    views = [chain_views(geometry, leaves) for leaves in trees]
+    kernels, biases = fn(geometry, *views)
+    write_chain(geometry, out, like, kernels, biases)
+  return out
+
+
+def map_chains(params: Any, spec: spec_lib.Spec, fn: Callable) -> Any:
+  """Applies ``fn(geometry, kernels, biases) -> (kernels, biases)`` to each
+  chain of ``params``; leaves outside every chain are returned unchanged."""
   structure = structure_lib.resolve(params, spec)
   leaves, treedef = flat(params)
-  out = list(leaves)
-  for geometry in structure.chains:
-    views, biases = chain_views(geometry, leaves)
-    new_views, new_biases = fn(geometry, views, biases)
-    write_chain(geometry, out, leaves, new_views, new_biases)
+  out = map_chain_leaves(
+      structure, lambda g, views: fn(g, *views), [leaves], leaves
+  )
   return jax.tree_util.tree_unflatten(treedef, out)
