@@ -1,4 +1,4 @@
-"""The demo (`python -m ecopt.demo`) runs and trains, with tiny settings."""
+"""The demo (`python -m ecopt.demo`) trains, with tiny settings, and shows the invariance."""
 
 import io
 
@@ -78,8 +78,35 @@ def test_start_points(demo_run):
     )
 
 
+def test_rescaled_start_changes_sgd_and_not_g_sgd(demo_run):
+  """The second table: the same runs from ``ecopt.rescale`` of their starts."""
+  _, result, text = demo_run
+  spec = result["spec"]
+  p0 = result["params0"]
+  # Same function, same basis-path values, different weights.
+  for name in ("sgd", "g_sgd"):
+    a, b = p0[name], p0[name + "_rescaled"]
+    va, vb = ecopt.basis_path_values(a, spec), ecopt.basis_path_values(b, spec)
+    for x, y in zip(jax.tree.leaves(va), jax.tree.leaves(vb)):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    assert max(float(np.abs(x - y).max())
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) > 0.5
+  g, g_r = result["g_sgd"], result["g_sgd_rescaled"]
+  s, s_r = result["sgd"], result["sgd_rescaled"]
+  # G-SGD: the same run (float32 rounding only); SGD: a different one.
+  np.testing.assert_allclose(g_r.train_loss, g.train_loss, rtol=1e-4)
+  np.testing.assert_allclose(g_r.test_acc, g.test_acc, atol=1.5 / 450)
+  assert result["rescale_gap"]["g_sgd"] < 1e-4
+  sgd_gap = np.abs(np.asarray(s_r.train_loss[1:]) - s.train_loss[1:]) / np.asarray(s.train_loss[1:])
+  assert not np.all(sgd_gap < 1e-2), (s.train_loss, s_r.train_loss)
+  assert result["rescale_gap"]["sgd"] > 1e-2
+  assert "(rescaled start)" in text and "node-rescaled start" in text
+
+
 def test_bad_flags_are_rejected():
   with pytest.raises(SystemExit):
     demo.parse_args(["--model", "resnet"])
   with pytest.raises(SystemExit):
     demo.parse_args(["--epochs", "0"])
+  with pytest.raises(SystemExit):
+    demo.parse_args(["--rescale-range", "-1"])
