@@ -187,7 +187,7 @@ class Chain:
           f" {len(layers)}: {layers!r}. A single layer has no hidden node; leave"
           " it out of the spec and it is optimized as its own coordinates."
       )
-    if len({e.path for e in entries}) != len(entries):
+    if len({(e.path, e.kernel) for e in entries}) != len(entries):
       raise ValueError(f"A chain names the same layer twice: {layers!r}.")
     object.__setattr__(self, "layers", tuple(layers))
 

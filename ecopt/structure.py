@@ -311,6 +311,9 @@ def layer_leaves(
   else:
     names = ("scale",) if entry.kind == "scale" else ("kernel", "scale")
   kernel = None
+  if entry.kernel is None and entry.kind != "auto" and prefix in paths:
+    # An explicit entry may name a bare leaf (a params dict {"w1": array}).
+    return paths.index(prefix), None, entry.kind == "scale"
   for name in names:
     kernel = _find_leaf(layer, prefix, name, paths)
     if kernel is not None:
@@ -343,6 +346,20 @@ def layer_leaves(
         f" are {found}."
     )
   return kernel, bias, diagonal
+
+
+def read_layer(
+    entry: spec_lib.Layer,
+    paths: Sequence[tuple[str, ...]],
+    shapes: Sequence[tuple[int, ...]],
+) -> tuple[int, Optional[int], LayerGeometry]:
+  """How ``entry`` reads the params on its own: leaves and geometry.
+
+  Two entries with equal readings are the same layer to ``g_space``.
+  """
+  kernel, bias, diagonal = layer_leaves(entry, paths, shapes)
+  geometry = _layer_geometry(entry, shapes[kernel], diagonal, None, bias is not None)
+  return kernel, bias, dataclasses.replace(geometry, name="")
 
 
 def resolve(params: Any, spec: spec_lib.Spec) -> Structure:
