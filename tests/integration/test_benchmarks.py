@@ -1,4 +1,4 @@
-"""benchmarks/overhead.py keeps working: its report and its HLO parsing.
+"""benchmarks/overhead keeps working: its report and its HLO parsing.
 
 CI never runs the benchmark itself (timings belong to benchmarks, not to
 tests), so a short run here keeps the script from rotting: every pair the
@@ -17,9 +17,10 @@ import pytest
 
 ROOT = os.path.dirname(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, ROOT)
 
-import overhead  # noqa: E402  (benchmarks/overhead.py)
+from benchmarks.overhead import report  # noqa: E402
+from benchmarks.overhead import sharding  # noqa: E402
 
 
 def test_collectives_are_counted_with_their_largest_operand():
@@ -31,7 +32,7 @@ def test_collectives_are_counted_with_their_largest_operand():
       "  %collective-permute.1 = f32[6]{0} collective-permute(%e)",
       "  %add = f32[1024]{0} add(%f, %g)",
   ])
-  found = overhead.collectives_in(hlo)
+  found = sharding.collectives_in(hlo)
   assert found["all-reduce"] == {
       "count": 1, "max_elements": 1030, "total_elements": 2054}
   assert found["all-gather"]["count"] == 2
@@ -44,11 +45,10 @@ def test_collectives_are_counted_with_their_largest_operand():
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "overhead.json"
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"),
-       "--quick", "--models", "mlp_a", "--no-zoo", "--no-scaling",
-       "--no-sharded", "--rounds", "2", "--compile-reps", "1",
+      [sys.executable, "-m", "benchmarks.overhead", "--quick", "--models",
+       "mlp_a", "--no-zoo", "--no-scaling", "--no-sharded", "--rounds", "2", "--compile-reps", "1",
        "--update-inner", "1", "--step-inner", "1", "--out", str(out)],
-      capture_output=True, text=True, timeout=600, check=False,
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return json.loads(out.read_text()), proc.stdout
@@ -102,7 +102,7 @@ def test_memory_and_compile_entries_are_reported(quick_run):
 def test_target_verdicts_follow_their_values(quick_run):
   results, stdout = quick_run
   rows = results["targets"]
-  limits = set(overhead.TARGETS.values())
+  limits = set(report.TARGETS.values())
   kinds = {row["target"] for row in rows}
   assert kinds == {"full step vs optax", "update alone vs w - lr*g",
                    "extra memory (step temp) / param bytes",
