@@ -44,7 +44,7 @@ the basis paths are the same, so the network function and every path value
 agree at every step, and the weights differ by a node scaling. For widths
 that are not unimodal the official red entries outnumber ``H + h_max``: some
 all-skeleton paths are pinned at 1 and the official method moves in fewer
-than ``m - H`` coordinates (``docs/g-space.md`` §8); that difference is shown
+than ``m - H`` coordinates (``docs/g-space.md`` §7b); that difference is shown
 below, not hidden.
 """
 
