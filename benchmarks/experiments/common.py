@@ -184,6 +184,86 @@ class GridResult:
     }
 
 
+def merge_grids(a: GridResult, b: GridResult) -> GridResult:
+  """One grid holding the learning rates of both (same seeds), sorted by lr."""
+  if a.seeds != b.seeds:
+    raise ValueError(f"merge_grids: seeds differ ({a.seeds} vs {b.seeds}).")
+  lrs = a.lrs + b.lrs
+  order = np.argsort(lrs)
+  cat = lambda x, y: np.concatenate([x, y])[order]
+  return GridResult(
+      [lrs[i] for i in order], a.seeds, cat(a.train_loss, b.train_loss),
+      cat(a.test_error, b.test_error), cat(a.train_error, b.train_error),
+      a.seconds + b.seconds,
+  )
+
+
+def half_decade(lr: float, up: bool) -> float:
+  """The next rate of the 1-3-10 sequence above (or below) ``lr``."""
+  exponent = math.floor(math.log10(lr) + 1e-9)
+  mantissa = lr / 10**exponent
+  ladder = [1.0, 3.0, 10.0]
+  if up:
+    nxt = next(m for m in ladder if m > mantissa * (1 + 1e-6))
+  else:
+    nxt = next(m for m in reversed([0.3] + ladder) if m < mantissa * (1 - 1e-6))
+  return float(f"{nxt * 10**exponent:.3g}")
+
+
+def edge(res: GridResult) -> Optional[str]:
+  """'low' or 'high' when the chosen rate is the grid's smallest or largest."""
+  i = res.best_lr_index()
+  if i == 0:
+    return "low"
+  if i == len(res.lrs) - 1:
+    return "high"
+  return None
+
+
+def run_widened_grid(
+    task: Task,
+    make_opt: Callable[[jax.Array], optax.GradientTransformation],
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    data: Data,
+    *,
+    max_extensions: int = 2,
+    **kwargs,
+) -> tuple[GridResult, list[float]]:
+  """:func:`run_grid`, widened by half decades until the chosen rate is interior.
+
+  While the best rate (lowest mean final train loss) is at an edge of the
+  grid, as many further rates as the grid has are run beyond that edge, in
+  half-decade steps, with the same compiled runner, and merged, at most
+  ``max_extensions`` times; a rate still at an edge afterwards is reported
+  by :func:`edge`.
+
+  Returns:
+    The merged grid and the initial grid (so reports can show both).
+  """
+  initial = sorted(map(float, lrs))
+  runner = GridRunner(task, make_opt, len(initial), seeds, data, **kwargs)
+  res = runner(initial)
+  for _ in range(max_extensions):
+    side = edge(res)
+    if side is None:
+      break
+    lr, more = res.lrs[-1] if side == "high" else res.lrs[0], []
+    for _ in initial:
+      lr = half_decade(lr, side == "high")
+      more.append(lr)
+    res = merge_grids(res, runner(sorted(more)))
+  return res, initial
+
+
+def he_kernels(params):
+  """Flax's default LeCun-normal kernels times sqrt(2): He initialisation.
+
+  Biases (zero) and 1-D parameters are left as they are.
+  """
+  return jax.tree.map(lambda a: a * np.sqrt(2.0).astype(a.dtype) if a.ndim >= 2 else a, params)
+
+
 def _xent(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -194,14 +274,7 @@ def run_grid(
     lrs: Sequence[float],
     seeds: Sequence[int],
     data: Data,
-    *,
-    epochs: int,
-    batch_size: int = 64,
-    prepare: Optional[Callable[[Any, jax.Array], Any]] = None,
-    dtype: Any = jnp.float32,
-    desc: str = "",
-    progress: bool = True,
-    vectorize: bool = True,
+    **kwargs,
 ) -> GridResult:
   """Trains ``len(lrs) * len(seeds)`` runs in lockstep (one vmap, one jit).
 
@@ -209,6 +282,26 @@ def run_grid(
     task: the model.
     make_opt: ``lr -> optax transformation``; ``lr`` is a traced scalar.
     lrs: the learning-rate grid.
+    seeds: init/shuffle seeds; every learning rate sees the same seeds.
+    data: the dataset.
+    **kwargs: see :class:`GridRunner` (``epochs`` is required).
+
+  Returns:
+    A GridResult; entry ``[..., 0]`` is before training.
+  """
+  return GridRunner(task, make_opt, len(lrs), seeds, data, **kwargs)(lrs)
+
+
+class GridRunner:
+  """Compiled training of ``num_lrs`` learning rates x ``seeds`` in lockstep.
+
+  The rates are traced, so one runner trains any grid of ``num_lrs`` rates
+  without compiling again (grid widening reuses it).
+
+  Args:
+    task: the model.
+    make_opt: ``lr -> optax transformation``; ``lr`` is a traced scalar.
+    num_lrs: how many rates each call trains.
     seeds: init/shuffle seeds; every learning rate sees the same seeds.
     data: the dataset.
     epochs: passes over the training set (the last partial batch is dropped).
@@ -220,85 +313,105 @@ def run_grid(
     vectorize: ``jax.vmap`` over runs (default); False runs them one after
       the other with ``jax.lax.map`` inside the same jit, which is much
       faster for convolutions on CPU (a vmapped conv becomes a grouped conv).
-
-  Returns:
-    A GridResult; entry ``[..., 0]`` is before training.
   """
-  from tqdm.auto import tqdm
 
-  lrs, seeds = list(map(float, lrs)), list(map(int, seeds))
-  num_runs = len(lrs) * len(seeds)
-  lr_vec = jnp.repeat(jnp.asarray(lrs, dtype), len(seeds))
-  seed_vec = jnp.tile(jnp.asarray(seeds), len(lrs))
-  x_tr = jnp.asarray(data.x_train, dtype)
-  y_tr = jnp.asarray(data.y_train)
-  x_te = jnp.asarray(data.x_test, dtype)
-  y_te = jnp.asarray(data.y_test)
-  n = x_tr.shape[0]
-  steps = n // batch_size
+  def __init__(
+      self,
+      task: Task,
+      make_opt: Callable[[jax.Array], optax.GradientTransformation],
+      num_lrs: int,
+      seeds: Sequence[int],
+      data: Data,
+      *,
+      epochs: int,
+      batch_size: int = 64,
+      prepare: Optional[Callable[[Any, jax.Array], Any]] = None,
+      dtype: Any = jnp.float32,
+      desc: str = "",
+      progress: bool = True,
+      vectorize: bool = True,
+  ):
+    self.seeds = list(map(int, seeds))
+    self.num_lrs, self.epochs, self.dtype = int(num_lrs), int(epochs), dtype
+    self.desc, self.progress = desc, progress
+    x_tr = jnp.asarray(data.x_train, dtype)
+    y_tr = jnp.asarray(data.y_train)
+    x_te = jnp.asarray(data.x_test, dtype)
+    y_te = jnp.asarray(data.y_test)
+    n = x_tr.shape[0]
+    steps = n // batch_size
 
-  def evaluate_one(carry):
-    params, state, _ = carry
-    logits = task.eval_logits(params, state, x_tr)
-    loss = _xent(logits, y_tr)
-    train_err = jnp.mean(jnp.argmax(logits, -1) != y_tr)
-    test_err = jnp.mean(jnp.argmax(task.eval_logits(params, state, x_te), -1) != y_te)
-    return loss, train_err, test_err
+    def evaluate_one(carry):
+      params, state, _ = carry
+      logits = task.eval_logits(params, state, x_tr)
+      loss = _xent(logits, y_tr)
+      train_err = jnp.mean(jnp.argmax(logits, -1) != y_tr)
+      test_err = jnp.mean(jnp.argmax(task.eval_logits(params, state, x_te), -1) != y_te)
+      return loss, train_err, test_err
 
-  def init_one(seed, lr):
-    key = jax.random.key(seed)
-    k_init, k_prep = jax.random.split(key)
-    params, state = task.init(k_init)
-    params = jax.tree.map(lambda a: a.astype(dtype), params)
-    if prepare is not None:
-      params = prepare(params, k_prep)
-    carry = (params, state, make_opt(lr).init(params))
-    return carry, evaluate_one(carry)
+    def init_one(seed, lr):
+      key = jax.random.key(seed)
+      k_init, k_prep = jax.random.split(key)
+      params, state = task.init(k_init)
+      params = jax.tree.map(lambda a: a.astype(dtype), params)
+      if prepare is not None:
+        params = prepare(params, k_prep)
+      carry = (params, state, make_opt(lr).init(params))
+      return carry, evaluate_one(carry)
 
-  def loss_fn(params, state, x, y):
-    logits, new_state = task.train_logits(params, state, x)
-    return _xent(logits, y), new_state
+    def loss_fn(params, state, x, y):
+      logits, new_state = task.train_logits(params, state, x)
+      return _xent(logits, y), new_state
 
-  def epoch_one(carry, lr, seed, epoch):
-    opt = make_opt(lr)
-    key = jax.random.fold_in(jax.random.key(seed + 7919), epoch)
-    perm = jax.random.permutation(key, n)[: steps * batch_size]
-    perm = perm.reshape(steps, batch_size)
+    def epoch_one(carry, lr, seed, epoch):
+      opt = make_opt(lr)
+      key = jax.random.fold_in(jax.random.key(seed + 7919), epoch)
+      perm = jax.random.permutation(key, n)[: steps * batch_size]
+      perm = perm.reshape(steps, batch_size)
 
-    def step(c, idx):
-      params, state, opt_state = c
-      (_, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          params, state, x_tr[idx], y_tr[idx]
-      )
-      updates, opt_state = opt.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), state, opt_state), None
+      def step(c, idx):
+        params, state, opt_state = c
+        (_, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, state, x_tr[idx], y_tr[idx]
+        )
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), state, opt_state), None
 
-    carry, _ = jax.lax.scan(step, carry, perm)
-    return carry, evaluate_one(carry)
+      carry, _ = jax.lax.scan(step, carry, perm)
+      return carry, evaluate_one(carry)
 
-  # Two compilations per grid: init (+ first evaluation) and one epoch.
-  if vectorize:
-    init_all = jax.jit(jax.vmap(init_one))
-    epoch_all = jax.jit(jax.vmap(epoch_one, in_axes=(0, 0, 0, None)))
-  else:
-    init_all = jax.jit(lambda s, l: jax.lax.map(lambda a: init_one(*a), (s, l)))
-    epoch_all = jax.jit(lambda c, l, s, e: jax.lax.map(
-        lambda a: epoch_one(a[0], a[1], a[2], e), (c, l, s)))
+    # Two compilations per runner: init (+ first evaluation) and one epoch.
+    if vectorize:
+      self._init = jax.jit(jax.vmap(init_one))
+      self._epoch = jax.jit(jax.vmap(epoch_one, in_axes=(0, 0, 0, None)))
+    else:
+      self._init = jax.jit(lambda s, l: jax.lax.map(lambda a: init_one(*a), (s, l)))
+      self._epoch = jax.jit(lambda c, l, s, e: jax.lax.map(
+          lambda a: epoch_one(a[0], a[1], a[2], e), (c, l, s)))
 
-  start = time.time()
-  carry, metrics = init_all(seed_vec, lr_vec)
-  curves = [metrics]
-  bar = tqdm(range(epochs), desc=desc, leave=False, disable=not progress)
-  for epoch in bar:
-    carry, metrics = epoch_all(carry, lr_vec, seed_vec, epoch)
-    curves.append(metrics)
-    loss = np.asarray(metrics[0])
-    bar.set_postfix(best_loss=f"{np.nanmin(loss):.3g}" if np.isfinite(loss).any() else "nan")
-  bar.close()
-  stacked = [np.stack([np.asarray(c[i]) for c in curves], -1) for i in range(3)]
-  shape = (len(lrs), len(seeds), epochs + 1)
-  loss, train_err, test_err = (a.reshape(shape).astype(np.float64) for a in stacked)
-  return GridResult(lrs, seeds, loss, test_err, train_err, time.time() - start)
+  def __call__(self, lrs: Sequence[float]) -> GridResult:
+    """Trains the grid ``lrs`` (``num_lrs`` rates) x the seeds."""
+    from tqdm.auto import tqdm
+
+    lrs, seeds = list(map(float, lrs)), self.seeds
+    if len(lrs) != self.num_lrs:
+      raise ValueError(f"GridRunner: built for {self.num_lrs} rates, got {len(lrs)}.")
+    lr_vec = jnp.repeat(jnp.asarray(lrs, self.dtype), len(seeds))
+    seed_vec = jnp.tile(jnp.asarray(seeds), len(lrs))
+    start = time.time()
+    carry, metrics = self._init(seed_vec, lr_vec)
+    curves = [metrics]
+    bar = tqdm(range(self.epochs), desc=self.desc, leave=False, disable=not self.progress)
+    for epoch in bar:
+      carry, metrics = self._epoch(carry, lr_vec, seed_vec, epoch)
+      curves.append(metrics)
+      loss = np.asarray(metrics[0])
+      bar.set_postfix(best_loss=f"{np.nanmin(loss):.3g}" if np.isfinite(loss).any() else "nan")
+    bar.close()
+    stacked = [np.stack([np.asarray(c[i]) for c in curves], -1) for i in range(3)]
+    shape = (len(lrs), len(seeds), self.epochs + 1)
+    loss, train_err, test_err = (a.reshape(shape).astype(np.float64) for a in stacked)
+    return GridResult(lrs, seeds, loss, test_err, train_err, time.time() - start)
 
 
 # ----------------------------------------------------------- reporting ---
@@ -346,14 +459,37 @@ def grid_table_row(name: str, res: GridResult, extra: str = "") -> str:
   )
 
 
-def plot_curves(ax, res: GridResult, label: str, which: str = "train_loss", **kw):
-  """Mean ± std over seeds at the selected learning rate, per epoch."""
-  i = res.best_lr_index()
-  data = getattr(res, which)[i]
-  mean, std = np.nanmean(data, 0), np.nanstd(data, 0)
+def plot_curves(
+    ax, res: GridResult, label: str, which: str = "train_loss",
+    index: Optional[int] = None, **kw,
+):
+  """Mean ± std over seeds at the selected (or given) learning rate, per epoch.
+
+  A diverged run is drawn, not dropped: the mean is over the seeds that are
+  still finite at each epoch, drawn up to the last epoch where any is, and
+  an ``x`` marks the last finite value of a curve that ends early or of a
+  seed that diverged (the legend says how many).
+  """
+  i = res.best_lr_index() if index is None else index
+  data = np.asarray(getattr(res, which)[i], np.float64)
+  # A run has diverged where its train loss is not finite; its error there
+  # (the argmax of NaN logits) means nothing.
+  finite = np.isfinite(data) & np.isfinite(res.train_loss[i])
   epochs = np.arange(data.shape[-1])
-  line = ax.plot(epochs, mean, label=f"{label} (lr={res.lrs[i]:g})", **kw)[0]
-  ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+  alive = finite.any(axis=0)
+  masked = np.where(finite, data, np.nan)
+  with np.errstate(invalid="ignore"):
+    mean = np.array([np.mean(c[f]) if f.any() else np.nan for c, f in zip(masked.T, finite.T)])
+    std = np.array([np.std(c[f]) if f.any() else np.nan for c, f in zip(masked.T, finite.T)])
+  diverged = int(np.sum(~finite[:, -1]))
+  note = f", {diverged}/{data.shape[0]} seeds diverged" if diverged else ""
+  line = ax.plot(epochs[alive], mean[alive], label=f"{label} (lr={res.lrs[i]:g}{note})", **kw)[0]
+  ax.fill_between(epochs[alive], (mean - std)[alive], (mean + std)[alive],
+                  color=line.get_color(), alpha=0.2)
+  for seed_curve, seed_finite in zip(masked, finite):
+    if not seed_finite[-1] and seed_finite.any():
+      last = int(np.max(np.nonzero(seed_finite)[0]))
+      ax.plot(epochs[last], seed_curve[last], "x", color=line.get_color(), ms=8, mew=2)
   return line
 
 
