@@ -188,7 +188,7 @@ def run(args: argparse.Namespace, out=None) -> dict[str, Any]:
     the largest relative difference of its rescaled run's train loss from
     its first run's over the epochs.
   """
-  from tqdm.auto import tqdm
+  from tqdm import tqdm
 
   out = sys.stdout if out is None else out
 

@@ -391,7 +391,7 @@ class GridRunner:
 
   def __call__(self, lrs: Sequence[float]) -> GridResult:
     """Trains the grid ``lrs`` (``num_lrs`` rates) x the seeds."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     lrs, seeds = list(map(float, lrs)), self.seeds
     if len(lrs) != self.num_lrs:
@@ -465,30 +465,40 @@ def plot_curves(
 ):
   """Mean ± std over seeds at the selected (or given) learning rate, per epoch.
 
-  A diverged run is drawn, not dropped: the mean is over the seeds that are
-  still finite at each epoch, drawn up to the last epoch where any is, and
-  an ``x`` marks the last finite value of a curve that ends early or of a
-  seed that diverged (the legend says how many).
+  See :func:`plot_seed_curves` for how diverged runs are drawn.
   """
   i = res.best_lr_index() if index is None else index
-  data = np.asarray(getattr(res, which)[i], np.float64)
-  # A run has diverged where its train loss is not finite; its error there
-  # (the argmax of NaN logits) means nothing.
-  finite = np.isfinite(data) & np.isfinite(res.train_loss[i])
+  return plot_seed_curves(ax, getattr(res, which)[i], f"{label} (lr={res.lrs[i]:g}",
+                          alive=np.isfinite(res.train_loss[i]), close=")", **kw)
+
+
+def plot_seed_curves(ax, curves, label: str, alive=None, close: str = "", **kw):
+  """Mean ± std over seeds (rows of ``curves``) per epoch; diverged runs marked.
+
+  A diverged run is drawn, not dropped: each epoch's mean is over the seeds
+  still finite there (``alive``: where the train loss is finite, defaults to
+  ``curves`` itself), the line stops after the last epoch where any seed is,
+  and an ``x`` marks the last finite value of every seed that diverged; the
+  legend says how many did. Nothing is computed over empty sets, so no
+  warnings.
+  """
+  data = np.asarray(curves, np.float64)
+  finite = np.isfinite(data) if alive is None else np.isfinite(data) & np.asarray(alive)
   epochs = np.arange(data.shape[-1])
-  alive = finite.any(axis=0)
-  masked = np.where(finite, data, np.nan)
-  with np.errstate(invalid="ignore"):
-    mean = np.array([np.mean(c[f]) if f.any() else np.nan for c, f in zip(masked.T, finite.T)])
-    std = np.array([np.std(c[f]) if f.any() else np.nan for c, f in zip(masked.T, finite.T)])
-  diverged = int(np.sum(~finite[:, -1]))
-  note = f", {diverged}/{data.shape[0]} seeds diverged" if diverged else ""
-  line = ax.plot(epochs[alive], mean[alive], label=f"{label} (lr={res.lrs[i]:g}{note})", **kw)[0]
-  ax.fill_between(epochs[alive], (mean - std)[alive], (mean + std)[alive],
+  count = finite.sum(0)
+  some = count > 0
+  total = np.where(finite, data, 0.0).sum(0)
+  mean = np.where(some, total / np.maximum(count, 1), np.nan)
+  var = np.where(finite, (data - mean) ** 2, 0.0).sum(0) / np.maximum(count, 1)
+  std = np.sqrt(var)
+  diverged = ~finite[:, -1]
+  note = f", {int(diverged.sum())}/{data.shape[0]} seeds diverged" if diverged.any() else ""
+  line = ax.plot(epochs[some], mean[some], label=f"{label}{note}{close}", **kw)[0]
+  ax.fill_between(epochs[some], (mean - std)[some], (mean + std)[some],
                   color=line.get_color(), alpha=0.2)
-  for seed_curve, seed_finite in zip(masked, finite):
+  for seed_curve, seed_finite in zip(data, finite):
     if not seed_finite[-1] and seed_finite.any():
-      last = int(np.max(np.nonzero(seed_finite)[0]))
+      last = int(np.nonzero(seed_finite)[0].max())
       ax.plot(epochs[last], seed_curve[last], "x", color=line.get_color(), ms=8, mew=2)
   return line
 

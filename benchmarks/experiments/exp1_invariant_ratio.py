@@ -61,7 +61,7 @@ def run(settings, out_dir: pathlib.Path, progress=True, resume=False) -> dict:
     saved = json.loads(partial.read_text())
     if saved["settings"] == json.loads(json.dumps(settings)):
       results = saved
-  from tqdm.auto import tqdm
+  from tqdm import tqdm
 
   for h in tqdm(settings["widths"], desc="exp1 widths", disable=not progress):
     if str(h) in results["widths"]:

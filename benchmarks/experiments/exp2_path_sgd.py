@@ -76,7 +76,7 @@ def run(settings, out_dir: pathlib.Path, progress=True, prepare_extra=None, tag=
   ``prepare_extra(spec) -> (params, key) -> params`` is applied after each
   optimizer's own init (experiment 3 passes a random rescaling).
   """
-  from tqdm.auto import tqdm
+  from tqdm import tqdm
 
   results = {"settings": settings, "datasets": {}}
   jobs = [(d, o) for d in settings["datasets"] for o in settings["grids"]]

@@ -86,12 +86,18 @@ def plot(balanced, unbalanced, out_path):
       i = bal.best_lr_index()
       epochs = np.arange(bal.train_loss.shape[-1])
       c = colors[name]
-      axes[0, col].plot(epochs, bal.train_loss[i].mean(0), color=c, lw=3, alpha=0.4,
-                        label=f"{name} balanced (lr={bal.lrs[i]:g})")
-      axes[0, col].plot(epochs, np.nanmean(unb.train_loss[i], 0), color=c, ls="--",
-                        label=f"{name} unbalanced e^U(-3,3)")
-      rel = np.abs(unb.train_loss[i] - bal.train_loss[i]) / bal.train_loss[i]
-      axes[1, col].plot(epochs, np.maximum(np.nanmax(rel, 0), 1e-9), color=c, label=name)
+      C.plot_seed_curves(axes[0, col], bal.train_loss[i], f"{name} balanced (lr={bal.lrs[i]:g})",
+                         color=c, lw=3, alpha=0.4)
+      # A diverged unbalanced run (SGD) is drawn up to its last finite loss.
+      C.plot_seed_curves(axes[0, col], unb.train_loss[i], f"{name} unbalanced e^U(-3,3)",
+                         color=c, ls="--")
+      both = np.isfinite(unb.train_loss[i]) & np.isfinite(bal.train_loss[i])
+      rel = np.abs(np.where(both, unb.train_loss[i] - bal.train_loss[i], 0.0)) / np.where(
+          both, bal.train_loss[i], 1.0)
+      has = both.any(0)
+      gap = np.where(has, np.where(both, rel, -np.inf).max(0), np.nan)
+      axes[1, col].plot(epochs[has], np.maximum(gap[has], 1e-9), color=c, marker=".",
+                        label=name + ("" if has.all() else " (until it diverged)"))
     axes[0, col].set_yscale("log")
     axes[0, col].set_title(f"{d}: train loss, balanced vs unbalanced (same lr)")
     axes[1, col].set_yscale("log")

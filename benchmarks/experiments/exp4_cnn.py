@@ -63,7 +63,7 @@ def run(settings, out_dir, progress=True, only=None):
   optimizers and keeps the others from ``out_dir/results.json``."""
   import json
 
-  from tqdm.auto import tqdm
+  from tqdm import tqdm
 
   data = C.load_digits(image=True)
   results = {"settings": settings, "variants": {}}
