@@ -58,30 +58,34 @@ def make_cnn(channels, image):
   return model, model.spec(), (image, image, 3)
 
 
+def _mlp(widths, batch):
+  return (f"MLP {'-'.join(map(str, widths))}", lambda: make_mlp(widths),
+          batch)
+
+
+def _cnn(layers, channels, image, batch):
+  return (f"PlainNet {layers}x conv3x3 {channels}ch, {image}x{image}x3",
+          lambda: make_cnn([channels] * layers, image), batch)
+
+
 def model_table(quick: bool, cnn_batch: Optional[int]):
   """``(name, description, builder, batch)`` of the benchmarked models."""
   if quick:
-    return [
-        ("mlp_a", "MLP 784-256-256-256-10",
-         lambda: make_mlp([784, 256, 256, 256, 10]), 32),
-        ("mlp_b", "MLP 3072-512-512-10",
-         lambda: make_mlp([3072, 512, 512, 10]), 32),
-        ("cnn", "PlainNet 4x conv3x3 16ch, 16x16x3",
-         lambda: make_cnn([16] * 4, 16), cnn_batch or 4),
-        ("cnn_wide", "PlainNet 2x conv3x3 64ch, 8x8x3",
-         lambda: make_cnn([64] * 2, 8), 4),
-    ]
-  return [
-      ("mlp_a", "MLP 784-1024-1024-1024-10",
-       lambda: make_mlp([784, 1024, 1024, 1024, 10]), 128),
-      ("mlp_b", "MLP 3072-4096-4096-10",
-       lambda: make_mlp([3072, 4096, 4096, 10]), 256),
-      ("cnn", "PlainNet 8x conv3x3 64ch, 32x32x3",
-       lambda: make_cnn([64] * 8, 32), cnn_batch or 128),
-      # ResNet-like channel counts: the row sums of wide conv kernels.
-      ("cnn_wide", "PlainNet 4x conv3x3 256ch, 8x8x3",
-       lambda: make_cnn([256] * 4, 8), 16),
-  ]
+    models = {
+        "mlp_a": _mlp([784, 256, 256, 256, 10], 32),
+        "mlp_b": _mlp([3072, 512, 512, 10], 32),
+        "cnn": _cnn(4, 16, 16, cnn_batch or 4),
+        "cnn_wide": _cnn(2, 64, 8, 4),
+    }
+  else:
+    models = {
+        "mlp_a": _mlp([784, 1024, 1024, 1024, 10], 128),
+        "mlp_b": _mlp([3072, 4096, 4096, 10], 256),
+        "cnn": _cnn(8, 64, 32, cnn_batch or 128),
+        # ResNet-like channel counts: the row sums of wide conv kernels.
+        "cnn_wide": _cnn(4, 256, 8, 16),
+    }
+  return [(name, *row) for name, row in models.items()]
 
 
 def zoo_table(quick: bool):
