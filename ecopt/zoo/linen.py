@@ -120,7 +120,34 @@ def _stack_pre_bn(module, outside_chains: bool) -> tuple[str, ...]:
   return tuple(f"Conv_{k}" for k in range(n))
 
 
-class PlainNet(nn.Module):
+class _ConvStack(nn.Module):
+  """What PlainNet and CNN1D share: fields, the blocks and the spec rule."""
+
+  channels: Sequence[int] = (16, 32)
+  num_classes: int = 10
+  use_bn: bool = False
+  kernel_size: Any = (3, 3)
+  strides: Any = 1
+  padding: Any = "SAME"
+  dilation: Any = 1
+  pool: Optional[str] = "max"
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    return _conv_stack(self, x, train, self._ndim)
+
+  @nn.nowrap
+  def spec(self) -> tuple[Chain, ...]:
+    return _stack_spec(self)
+
+  @nn.nowrap
+  def pre_bn_layers(self, outside_chains: bool = False) -> tuple[str, ...]:
+    """Layers whose outputs a BatchNorm normalises (all, or those in no chain)."""
+    return _stack_pre_bn(self, outside_chains)
+
+
+class PlainNet(_ConvStack):
   """A plain 2-D conv stack (NHWC) with optional BatchNorm and a Dense head.
 
   Each block is ``Conv -> [BatchNorm] -> ReLU -> [2x2 pool]``; then a
@@ -148,31 +175,11 @@ class PlainNet(nn.Module):
     (Chain('Conv_0', 'Conv_1', 'Dense_0'),)
   """
 
-  channels: Sequence[int] = (16, 32)
-  num_classes: int = 10
-  use_bn: bool = False
   kernel_size: Any = (3, 3)
-  strides: Any = 1
-  padding: Any = "SAME"
-  dilation: Any = 1
-  pool: Optional[str] = "max"
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    return _conv_stack(self, x, train, 2)
-
-  @nn.nowrap
-  def spec(self) -> tuple[Chain, ...]:
-    return _stack_spec(self)
-
-  @nn.nowrap
-  def pre_bn_layers(self, outside_chains: bool = False) -> tuple[str, ...]:
-    """Layers whose outputs a BatchNorm normalises (all, or those in no chain)."""
-    return _stack_pre_bn(self, outside_chains)
+  _ndim = 2  # spatial dimensions: a class constant, not a field
 
 
-class CNN1D(nn.Module):
+class CNN1D(_ConvStack):
   """A 1-D conv stack on ``(N, L, C)`` inputs, flatten and a Dense head.
 
   Each block is ``Conv1D -> [BatchNorm] -> ReLU -> [2-wide pool]``. Conv
@@ -199,28 +206,8 @@ class CNN1D(nn.Module):
     (Chain('Conv_0', 'Conv_1', 'Dense_0'),)
   """
 
-  channels: Sequence[int] = (16, 32)
-  num_classes: int = 10
-  use_bn: bool = False
   kernel_size: Any = 5
-  strides: Any = 1
-  padding: Any = "SAME"
-  dilation: Any = 1
-  pool: Optional[str] = "max"
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    return _conv_stack(self, x, train, 1)
-
-  @nn.nowrap
-  def spec(self) -> tuple[Chain, ...]:
-    return _stack_spec(self)
-
-  @nn.nowrap
-  def pre_bn_layers(self, outside_chains: bool = False) -> tuple[str, ...]:
-    """Layers whose outputs a BatchNorm normalises (all, or those in no chain)."""
-    return _stack_pre_bn(self, outside_chains)
+  _ndim = 1
 
 
 class BasicBlock(nn.Module):
