@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ecopt import _tree
+from ecopt import node_factors
 from ecopt import paths as paths_lib
 from ecopt import spec as spec_lib
 from ecopt import structure as structure_lib
@@ -106,7 +107,7 @@ def free_mask(params: Params, spec: spec_lib.Spec) -> Params:
   for geometry in structure.chains:
     for layer in geometry.layers[1:]:
       mask = paths_lib.out_skeleton_mask(layer)
-      out[layer.kernel_index] = jnp.broadcast_to(mask, layer.shape)
+      out[layer.kernel_index] = _tree.to_leaf(layer, jnp.broadcast_to(mask, layer.shape))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -126,7 +127,6 @@ def g_space_dim(params: Params, spec: spec_lib.Spec) -> int:
   return structure_lib.resolve(params, spec).dim
 
 
-@_jit_with_static_spec
 def scale_nodes(
     params: Params,
     spec: spec_lib.Spec,
@@ -146,7 +146,20 @@ def scale_nodes(
 
   Returns:
     The scaled params.
+
+  Raises:
+    ValueError: for concrete factors that are zero, negative or not finite,
+      or that overflow the parameters' dtype (inside a caller's ``jit`` the
+      values are not known and are not checked).
   """
+  node_factors.check_factors(factors, "scale_nodes")
+  scaled = _scale_nodes(params, spec, factors)
+  node_factors.check_finite_result(params, scaled, "scale_nodes")
+  return scaled
+
+
+@_jit_with_static_spec
+def _scale_nodes(params, spec, factors):
   chains = spec_lib.as_chains(spec)
   if len(factors) != len(chains):
     raise ValueError(
@@ -192,7 +205,6 @@ def _apply_node_factors(geometry, views, biases, factors):
   return new_views, new_biases
 
 
-@_jit_with_static_spec
 def rescale(
     params: Params,
     spec: spec_lib.Spec,
@@ -226,7 +238,20 @@ def rescale(
     >>> v1 = ecopt.basis_path_values(scaled, spec)["l0"]["kernel"]
     >>> bool(jnp.allclose(v0, v1, rtol=1e-5))
     True
+
+  Raises:
+    ValueError: for a ``log_range`` that is negative, not finite or whose
+      factors ``exp(log_range)`` the parameters' dtype cannot hold, or
+      scaled parameters that overflow (checked on concrete values).
   """
+  node_factors.check_log_range(log_range, params)
+  scaled = _rescale(params, spec, key, log_range=log_range)
+  node_factors.check_finite_result(params, scaled, "rescale")
+  return scaled
+
+
+@_jit_with_static_spec
+def _rescale(params, spec, key, *, log_range=1.0):
   structure = structure_lib.resolve(params, spec)
   factors = []
   for geometry in structure.chains:
@@ -242,7 +267,7 @@ def rescale(
             for sub, h in zip(keys, widths[1:-1])
         ]
     )
-  return scale_nodes(params, spec, factors)
+  return _scale_nodes(params, spec, factors)
 
 
 @_jit_with_static_spec
