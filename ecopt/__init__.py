@@ -5,7 +5,6 @@ as pure-functional optax transformations for Flax params.
 """
 
 from ecopt import batchnorm
-from ecopt.baselines import ScaleByPathNormState
 from ecopt.baselines import path_kappa
 from ecopt.baselines import path_sgd
 from ecopt.baselines import scale_by_path_norm
@@ -26,10 +25,13 @@ from ecopt.regularization import basis_path_regularizer
 from ecopt.spec import Chain
 from ecopt.spec import Layer
 from ecopt.spec import Spec
-from ecopt.structure import resolve as resolve_structure
 from ecopt.transform import GSpaceState
+from ecopt.transform import g_adam
+from ecopt.transform import g_adamw
+from ecopt.transform import g_rmsprop
 from ecopt.transform import g_sgd
 from ecopt.transform import g_space
+from ecopt.transform import path_decay_mask
 
 __version__ = "0.1.0"
 
@@ -49,7 +51,6 @@ __all__ = (
     "GSpaceState",
     "InferredSpec",
     "Layer",
-    "ScaleByPathNormState",
     "Spec",
     "add_basis_path_decay",
     "basis_path_regularizer",
@@ -57,14 +58,17 @@ __all__ = (
     "batchnorm",
     "canonicalize",
     "free_mask",
+    "g_adam",
+    "g_adamw",
+    "g_rmsprop",
     "g_sgd",
     "g_space",
     "g_space_dim",
     "infer_spec",
+    "path_decay_mask",
     "path_kappa",
     "path_sgd",
     "rescale",
-    "resolve_structure",
     "scale_by_incoming_norm",
     "scale_by_path_norm",
     "scale_nodes",

@@ -113,15 +113,16 @@ def map_chain_leaves(
     fn: Callable[..., tuple[Sequence[jax.Array], Sequence[Optional[jax.Array]]]],
     trees: Sequence[Sequence[Any]],
     like: Sequence[Any],
+    outside: Optional[Sequence[Any]] = None,
 ) -> list[Any]:
-  """``like`` with each chain's leaves replaced by ``fn(geometry, *views)``.
+  """Each chain's leaves replaced by ``fn(geometry, *views)``.
 
   ``trees`` are flat leaf lists in the params' layout; ``fn`` receives one
   ``(kernels, biases)`` pair for each and returns new kernels and biases,
   written back with the shapes and dtypes of ``like``. Leaves outside every
-  chain are those of ``like``.
+  chain are those of ``outside`` (default ``like``).
   """
-  out = list(like)
+  out = list(like if outside is None else outside)
   for geometry in structure.chains:
     views = [chain_views(geometry, leaves) for leaves in trees]
     kernels, biases = fn(geometry, *views)

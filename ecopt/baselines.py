@@ -11,26 +11,19 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from ecopt import _tree
-from ecopt import paths as paths_lib
+from ecopt import chain_transform
+from ecopt import numerics
 from ecopt import spec as spec_lib
 from ecopt import structure as structure_lib
+from ecopt.layer_views import view_of
 from ecopt.structure import ChainGeometry
-
-_NO_PARAMS = (
-    "ecopt.scale_by_path_norm needs the current params: call"
-    " `update(updates, state, params)`."
-)
-
-
-class ScaleByPathNormState(NamedTuple):
-  """``scale_by_path_norm`` keeps no state: kappa is recomputed every step."""
 
 
 def _after(x, sums):
@@ -77,26 +70,16 @@ def path_gammas(
   # writes it to a parameter-sized buffer and reads it twice (5x slower).
   g_in = [jnp.ones((widths[0],), dtype)]
   for k in range(1, n):
-    layer, w, b = layers[k - 1], views[k - 1], biases[k - 1]
-    if layer.diagonal:
-      g = w * (w * g_in[k - 1])
-    else:
-      g = paths_lib.col_sums(
-          w * (w * paths_lib.broadcast_in(g_in[k - 1], layer)), layer
-      )
+    view, w, b = view_of(layers[k - 1]), views[k - 1], biases[k - 1]
+    g = view.col_sums(w * (w * view.broadcast_in(g_in[k - 1])))
     if b is not None:
       g = g + b * b
     g_in.append(g)
   g_out: list[jax.Array] = [None] * (n + 1)  # type: ignore[list-item]
   g_out[n] = jnp.ones((widths[n],), dtype)
   for k in range(n, 0, -1):
-    layer, w = layers[k - 1], views[k - 1]
-    if layer.diagonal:
-      g_out[k - 1] = w * (w * g_out[k])
-    else:
-      g_out[k - 1] = paths_lib.row_sums(
-          w * (w * paths_lib.broadcast_out(g_out[k], layer)), layer
-      )
+    view, w = view_of(layers[k - 1]), views[k - 1]
+    g_out[k - 1] = view.row_sums(w * (w * view.broadcast_out(g_out[k])))
   return g_in, g_out
 
 
@@ -116,9 +99,8 @@ def chain_kappa(
   kappas, bias_kappas = [], []
   for k, layer in enumerate(geometry.layers, start=1):
     own = ([g_in[k]] if k < n else []) + ([g_out[k - 1]] if k > 1 else [])
-    kappa = paths_lib.along_in(g_in[k - 1], layer) * paths_lib.along_out(
-        _after(g_out[k], own), layer
-    )
+    view = view_of(layer)
+    kappa = view.along_in(g_in[k - 1]) * view.along_out(_after(g_out[k], own))
     kappas.append(jnp.broadcast_to(kappa, layer.shape))
     bias_kappas.append(None if biases[k - 1] is None else g_out[k])
   return kappas, bias_kappas
@@ -149,11 +131,10 @@ def path_kappa(params: Any, spec: spec_lib.Spec) -> Any:
   """
   structure = structure_lib.resolve(params, spec)
   leaves, treedef = _tree.flat(params)
-  out = [jnp.ones(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves]
-  for geometry in structure.chains:
-    views, biases = _tree.chain_views(geometry, leaves)
-    kappas, bias_kappas = chain_kappa(geometry, views, biases)
-    _tree.write_chain(geometry, out, leaves, kappas, bias_kappas)
+  ones = [jnp.ones(jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves]
+  out = _tree.map_chain_leaves(
+      structure, lambda g, views: chain_kappa(g, *views), [leaves], ones
+  )
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -163,7 +144,7 @@ def scale_by_path_norm(
   """Divides each update entry by Path-SGD's ``kappa_e`` of the current params.
 
   For an edge ``e = K_k[t, i, j]`` of a chain layer (viewed as
-  ``(taps, in, out)``, see :func:`ecopt.resolve_structure`),
+  ``(taps, in, out)``, ``docs/g-space.md`` §1),
 
       kappa_e = gamma_in(k-1, i) * gamma_out(k, j),
 
@@ -204,34 +185,22 @@ def scale_by_path_norm(
     Neyshabur, Salakhutdinov and Srebro, "Path-SGD: Path-Normalized
     Optimization in Deep Neural Networks", NeurIPS 2015 (arXiv:1506.02617).
   """
-  chains = spec_lib.as_chains(spec)
 
-  def init_fn(params):
-    structure_lib.resolve(params, chains)  # Validates the spec early.
-    return ScaleByPathNormState()
+  def update_chain(geometry, params, updates, step):
+    del step
+    kappas, bias_kappas = chain_kappa(geometry, *params)
+    grads, bias_grads = updates
+    return (
+        [g * numerics.safe_reciprocal(c) for g, c in zip(grads, kappas)],
+        [
+            None if g is None else g * numerics.safe_reciprocal(c)
+            for g, c in zip(bias_grads, bias_kappas)
+        ],
+    )
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError(_NO_PARAMS)
-    structure = structure_lib.resolve(params, chains)
-    grad_leaves = _tree.check_same_layout(structure, updates, "updates")
-    param_leaves, _ = _tree.flat(params)
-    _, grad_def = _tree.flat(updates)
-    out = list(grad_leaves)
-    for geometry in structure.chains:
-      views, biases = _tree.chain_views(geometry, param_leaves)
-      grads, bias_grads = _tree.chain_views(geometry, grad_leaves)
-      kappas, bias_kappas = chain_kappa(geometry, views, biases)
-      scaled = [g * paths_lib.safe_reciprocal(c) for g, c in zip(grads, kappas)]
-      scaled_bias = [
-          None if g is None else g * paths_lib.safe_reciprocal(c)
-          for g, c in zip(bias_grads, bias_kappas)
-      ]
-      _tree.write_chain(geometry, out, grad_leaves, scaled, scaled_bias)
-    return jax.tree_util.tree_unflatten(grad_def, out), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return chain_transform.chain_transformation(
+      "ecopt.scale_by_path_norm", spec, update_chain
+  )
 
 
 def path_sgd(

@@ -2,7 +2,7 @@
 
 These functions take a params pytree and a spec (``ecopt.Chain`` or a sequence
 of them) and work under ``jit`` (the spec is static). See
-``shared/design/g-space.md`` for the definitions.
+``docs/g-space.md`` for the definitions.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 from ecopt import _tree
 from ecopt import node_factors
 from ecopt import paths as paths_lib
+from ecopt.layer_views import cycle, view_of
 from ecopt import spec as spec_lib
 from ecopt import structure as structure_lib
 from ecopt.structure import ChainGeometry
@@ -73,7 +74,7 @@ def basis_path_values(params: Params, spec: spec_lib.Spec) -> Params:
 
   def fn(geometry, views, biases):
     sk = paths_lib.skeleton(geometry, views)
-    return paths_lib.path_values(geometry, sk, views, biases)
+    return paths_lib.path_values(sk, views, biases)
 
   return _tree.map_chains(params, spec, fn)
 
@@ -106,7 +107,7 @@ def free_mask(params: Params, spec: spec_lib.Spec) -> Params:
   out = [jnp.zeros(jnp.shape(leaf), bool) for leaf in leaves]
   for geometry in structure.chains:
     for layer in geometry.layers[1:]:
-      mask = paths_lib.out_skeleton_mask(layer)
+      mask = view_of(layer).out_mask()
       out[layer.kernel_index] = _tree.to_leaf(layer, jnp.broadcast_to(mask, layer.shape))
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -196,10 +197,10 @@ def _apply_node_factors(geometry, views, biases, factors):
   for k, layer in enumerate(geometry.layers, start=1):
     w, b = views[k - 1], biases[k - 1]
     if factors[k] is not None:
-      w = w * paths_lib.along_out(factors[k], layer)
+      w = w * view_of(layer).along_out(factors[k])
       b = None if b is None else b * factors[k]
     if factors[k - 1] is not None:
-      w = w / paths_lib.along_in(factors[k - 1], layer)
+      w = w / view_of(layer).along_in(factors[k - 1])
     new_views.append(w)
     new_biases.append(b)
   return new_views, new_biases
@@ -299,9 +300,9 @@ def canonicalize(params: Params, spec: spec_lib.Spec) -> Params:
     for k in range(n - 1, 0, -1):
       # The free weight of (k, j), after level k+1 was scaled.
       layer = geometry.layers[k]
-      current = paths_lib.out_skeleton(views[k], layer)
+      current = view_of(layer).out_skeleton(views[k])
       if factors[k + 1] is not None:
-        current = current * paths_lib.tile_to(factors[k + 1], widths[k])
+        current = current * cycle(factors[k + 1], widths[k])
       magnitude = jnp.abs(current)
       factors[k] = jnp.where(magnitude > 0, magnitude, 1.0)
     return _apply_node_factors(geometry, views, biases, factors)
@@ -309,9 +310,21 @@ def canonicalize(params: Params, spec: spec_lib.Spec) -> Params:
   return _tree.map_chains(params, spec, fn)
 
 
-@_jit_with_static_spec(static_argnames=("keep_sign",))
+SKELETON_INIT_MODES = ("paper", "variance")
+
+# Squared norm of a column under He initialisation (variance 2 / fan_in):
+# it keeps the second moment of the pre-activations from level to level
+# under ReLU, which halves it.
+_HE_COLUMN_ENERGY = 2.0
+
+
+@_jit_with_static_spec(static_argnames=("keep_sign", "mode"))
 def skeleton_init(
-    params: Params, spec: spec_lib.Spec, *, keep_sign: bool = False
+    params: Params,
+    spec: spec_lib.Spec,
+    *,
+    keep_sign: bool = False,
+    mode: str = "paper",
 ) -> Params:
   """The paper's initialisation: every skeleton weight set to 1.
 
@@ -323,10 +336,27 @@ def skeleton_init(
   SGD's. Starting G-SGD from ordinary He/Glorot weights instead gives tiny
   ``S_e`` and huge steps.
 
+  With ``mode="paper"`` (the default) every other weight is kept as drawn.
+  The skeleton entries of 1 then add to the He- or LeCun-scale rest: a
+  node's pre-activation grows from level to level, and a classifier whose
+  ``c`` hidden nodes per class feed it through free weights of 1 starts
+  with logits of about ``c`` times a hidden activation (large initial
+  losses). ``mode="variance"`` keeps every ``S_e`` at 1 and rescales the
+  other kernel entries of each output column ``j`` by one factor so that
+  the column's squared norm, counting its ``c_j`` skeleton entries, is 2,
+  He's expectation:
+  ``beta_j^2 = max(2 - c_j, 0) / sum of the column's other squared
+  entries``. No ``S_e`` depends on those entries, and the second moment of
+  the pre-activations stays level to level as under He initialisation
+  (a column whose skeleton entries alone reach 2, such as a classifier
+  column fed by several free weights, keeps only them). Biases and
+  parameters outside every chain are unchanged in both modes.
+
   Args:
     params: a params pytree.
     spec: an ``ecopt.Chain`` or a sequence of them.
     keep_sign: keep each skeleton weight's sign instead of setting it to +1.
+    mode: ``"paper"`` (Appendix 11.3) or ``"variance"`` (see above).
 
   Returns:
     The re-initialised params.
@@ -338,21 +368,48 @@ def skeleton_init(
     >>> params = ecopt.skeleton_init(params, ecopt.Chain("layers_0", "layers_2"))
     >>> float(params["layers_2"]["kernel"][0, 0])
     1.0
+    >>> kernel = ecopt.skeleton_init(
+    ...     params, ecopt.Chain("layers_0", "layers_2"), mode="variance"
+    ... )["layers_0"]["kernel"]
+    >>> round(float((kernel[:, 0] ** 2).sum()), 4)  # 1 + the rest: 2
+    2.0
   """
+  if mode not in SKELETON_INIT_MODES:
+    raise ValueError(
+        f"skeleton_init: mode must be one of {SKELETON_INIT_MODES}, got"
+        f" {mode!r}."
+    )
+
   def fn(geometry: ChainGeometry, views, biases):
     n = len(geometry.layers)
     out = []
     for k, (layer, w) in enumerate(zip(geometry.layers, views), start=1):
       masks = []
       if k < n:
-        masks.append(paths_lib.in_skeleton_mask(layer))
+        masks.append(view_of(layer).in_mask())
       if k > 1:
-        masks.append(paths_lib.out_skeleton_mask(layer))
+        masks.append(view_of(layer).out_mask())
       if masks:
         mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
         value = jnp.where(w < 0, -1.0, 1.0) if keep_sign else 1.0
-        w = jnp.where(mask, value, w).astype(w.dtype)
+        rest = w
+        if mode == "variance":
+          rest = w * view_of(layer).broadcast_out(_rest_factor(w, mask, layer))
+        w = jnp.where(mask, value, rest).astype(w.dtype)
       out.append(w)
     return out, biases
 
   return _tree.map_chains(params, spec, fn)
+
+
+def _rest_factor(w: jax.Array, mask: jax.Array, layer) -> jax.Array:
+  """Per output column: the factor that brings its squared norm to 2.
+
+  The column's skeleton entries (``mask``) will be +-1 and count 1 each;
+  the factor scales the others. Zero where the skeleton entries alone reach
+  2; 1 where the other entries are all zero (nothing to scale).
+  """
+  count = view_of(layer).col_sums(mask.astype(w.dtype))
+  energy = view_of(layer).col_sums(jnp.where(mask, 0.0, w * w))
+  room = jnp.maximum(_HE_COLUMN_ENERGY - count, 0.0)
+  return jnp.where(energy > 0, jnp.sqrt(room / jnp.where(energy > 0, energy, 1.0)), 1.0)

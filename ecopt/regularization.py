@@ -42,48 +42,34 @@ import optax
 from jax.typing import ArrayLike
 
 from ecopt import _tree
+from ecopt import chain_transform
+from ecopt import numerics
 from ecopt import paths as paths_lib
 from ecopt import spec as spec_lib
 from ecopt import structure as structure_lib
-from ecopt.structure import ChainGeometry, LayerGeometry
+from ecopt.structure import ChainGeometry
 
-_NO_PARAMS = (
-    "ecopt.add_basis_path_decay needs the basis-path values as params: use it"
-    " inside ecopt.g_space(...), whose inner transformation receives them."
-)
+_NAME = "ecopt.add_basis_path_decay"
 
 
 class AddBasisPathDecayState(NamedTuple):
-  """``add_basis_path_decay`` keeps no state."""
+  """State of :func:`add_basis_path_decay`: the step, for a schedule."""
 
-
-def negative_mask(geometry: ChainGeometry, k: int, layer: LayerGeometry):
-  """Bool view-shaped mask of layer ``k``'s negative basis paths.
-
-  These are the in-skeleton edges of hidden level ``k`` that are not free.
-  """
-  if k >= len(geometry.layers):
-    return jnp.zeros(layer.shape, bool)
-  not_free = ~paths_lib.free_in_skeleton(geometry, k)
-  return paths_lib.in_skeleton_mask(layer) & paths_lib.along_out(
-      jnp.asarray(not_free), layer
-  )
+  count: jax.Array
 
 
 def _chain_decay_gradient(geometry: ChainGeometry, values, bias_values):
   """``dR/dv`` of one chain: ``v`` (positive), ``log|v|/v`` (negative), 0 (free)."""
   grads, bias_grads = [], []
-  for k, (layer, v) in enumerate(zip(geometry.layers, values), start=1):
-    negative = negative_mask(geometry, k, layer)
+  for k, v in enumerate(values, start=1):
+    negative = paths_lib.all_skeleton_mask(geometry, k)
     magnitude = jnp.abs(v)
     tiny = jnp.finfo(v.dtype).tiny
     # log|v|/v is unbounded at v = 0: a zero negative path has no chart
-    # (g-space.md section 6), so it gets no decay rather than Inf/NaN.
+    # (docs/g-space.md §6), so it gets no decay rather than Inf/NaN.
     log_term = jnp.log(jnp.where(magnitude >= tiny, magnitude, 1.0))
-    d = jnp.where(negative, log_term * paths_lib.safe_reciprocal(v), v)
-    if k > 1:
-      d = jnp.where(paths_lib.out_skeleton_mask(layer), 0.0, d)
-    grads.append(d)
+    d = jnp.where(negative, log_term * numerics.safe_reciprocal(v), v)
+    grads.append(jnp.where(paths_lib.coordinate_mask(geometry, k), d, 0.0))
     bias_grads.append(bias_values[k - 1])
   return grads, bias_grads
 
@@ -113,10 +99,8 @@ def basis_path_regularizer(
     views, biases = _tree.chain_views(geometry, leaves)
     for k, (layer, v) in enumerate(zip(geometry.layers, views), start=1):
       in_chain[layer.kernel_index] = True
-      negative = negative_mask(geometry, k, layer)
-      positive = ~negative
-      if k > 1:
-        positive = positive & ~paths_lib.out_skeleton_mask(layer)
+      negative = paths_lib.all_skeleton_mask(geometry, k)
+      positive = ~negative & paths_lib.coordinate_mask(geometry, k)
       safe = jnp.where(negative, v, 1.0)
       total = total + 0.5 * jnp.sum(jnp.where(positive, v * v, 0.0))
       total = total + 0.5 * jnp.sum(jnp.where(negative, jnp.log(jnp.abs(safe)) ** 2, 0.0))
@@ -131,11 +115,11 @@ def basis_path_regularizer(
 
 
 def add_basis_path_decay(
-    weight_decay: ArrayLike,
+    weight_decay: optax.ScalarOrSchedule,
     spec: spec_lib.Spec,
     *,
     outside_chains: bool = True,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """Adds ``weight_decay * dR/dv`` of the basis-path regulariser (G-SGD+BPR).
 
   Use it inside :func:`ecopt.g_space`, whose inner transformation sees the
@@ -159,16 +143,18 @@ def add_basis_path_decay(
     get plain decay ``weight_decay * w`` when ``outside_chains`` is True.
 
   ``R`` depends only on basis-path values, so the regularised optimizer stays
-  exactly invariant under node scaling.
+  exactly invariant under node scaling. Run anywhere but inside ``g_space``,
+  its params would be weights: ``update`` raises ``ValueError`` there.
 
   Args:
-    weight_decay: the regularisation strength ``lambda`` (traceable).
+    weight_decay: the regularisation strength ``lambda``: a scalar or an
+      optax schedule of the step.
     spec: an ``ecopt.Chain`` or a sequence of them (the one given to
       ``g_space``).
     outside_chains: decay parameters outside every chain too.
 
   Returns:
-    An ``optax.GradientTransformation``; ``update`` requires ``params`` (the
+    A ``GradientTransformationExtraArgs``; ``update`` requires ``params`` (the
     basis-path values, which ``g_space`` passes).
 
   Example:
@@ -186,29 +172,29 @@ def add_basis_path_decay(
   """
   chains = spec_lib.as_chains(spec)
 
-  def init_fn(params):
-    structure_lib.resolve(params, chains)
-    return AddBasisPathDecayState()
+  def strength(step):
+    return weight_decay(step) if callable(weight_decay) else weight_decay
 
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(_NO_PARAMS)
-    structure = structure_lib.resolve(params, chains)
-    grad_leaves = _tree.check_same_layout(structure, updates, "updates")
-    value_leaves, _ = _tree.flat(params)
-    _, grad_def = _tree.flat(updates)
-    decay = [
-        jnp.asarray(v) if outside_chains else jnp.zeros_like(v)
-        for v in value_leaves
-    ]
-    for geometry in structure.chains:
-      values, bias_values = _tree.chain_views(geometry, value_leaves)
-      d, db = _chain_decay_gradient(geometry, values, bias_values)
-      _tree.write_chain(geometry, decay, grad_leaves, d, db)
-    out = [
-        g + (weight_decay * r).astype(jnp.result_type(g))
-        for g, r in zip(grad_leaves, decay)
-    ]
-    return jax.tree_util.tree_unflatten(grad_def, out), state
+  def update_chain(geometry, values, updates, step):
+    d, db = _chain_decay_gradient(geometry, *values)
+    lam = strength(step)
+    grads, bias_grads = updates
+    return (
+        [g + (lam * r).astype(g.dtype) for g, r in zip(grads, d)],
+        [None if g is None else g + (lam * r).astype(g.dtype) for g, r in zip(bias_grads, db)],
+    )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return chain_transform.chain_transformation(
+      _NAME,
+      chains,
+      update_chain,
+      update_outside=(
+          (lambda u, v, step: u + (strength(step) * v).astype(u.dtype))
+          if outside_chains
+          else None
+      ),
+      init_state=lambda params: AddBasisPathDecayState(jnp.zeros([], jnp.int32)),
+      next_state=lambda state: AddBasisPathDecayState(optax.safe_increment(state.count)),
+      step_of=lambda state: state.count,
+      check_call=lambda: chain_transform.require_path_space(_NAME),
+  )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -10,16 +10,12 @@ import optax
 from jax.typing import ArrayLike
 
 from ecopt import _tree
-from ecopt import basis as basis_lib
+from ecopt import basis
+from ecopt import chain_transform
+from ecopt import numerics
 from ecopt import paths as paths_lib
 from ecopt import spec as spec_lib
 from ecopt import structure as structure_lib
-
-_NO_PARAMS = (
-    "ecopt's G-space transformations need the current params: call"
-    " `update(updates, state, params)`."
-)
-
 
 class GSpaceState(NamedTuple):
   """State of :func:`g_space`.
@@ -28,28 +24,101 @@ class GSpaceState(NamedTuple):
     inner_state: the state of the inner transformation, which lives in path
       space (e.g. SGD momentum of path gradients).
     layout: the leaf paths and shapes of the params seen at ``init``
-      (:class:`ecopt.structure.ParamsLayout`), kept so ``update`` can report
-      a params tree that changed since. Static pytree metadata with no
-      leaves: it costs nothing, and checkpointing (orbax,
-      ``flax.serialization``) restores it from the target state.
+      (:class:`ecopt.structure.ParamsLayout`), so ``update`` can report a
+      params tree that changed since. Static pytree metadata with no leaves:
+      checkpointing (orbax, ``flax.serialization``) restores it from the
+      target state.
   """
 
   inner_state: optax.OptState
   layout: structure_lib.ParamsLayout
 
 
-def _layout(structure: structure_lib.Structure) -> structure_lib.ParamsLayout:
-  return structure_lib.ParamsLayout.of(structure)
-
-
-def _check_layout(structure: structure_lib.Structure, layout) -> None:
-  if not isinstance(layout, structure_lib.ParamsLayout):
+def _check_state(state: Any, structure: structure_lib.Structure) -> None:
+  if not isinstance(state, GSpaceState):
+    raise ValueError(
+        "ecopt.g_space: expected the GSpaceState its init returned, got"
+        f" {type(state).__name__}. A state restored from a checkpoint must be"
+        " restored into the structure of opt.init(params) (e.g. orbax's"
+        " `target=` / flax.serialization.from_state_dict(opt.init(params),"
+        " ...)), and another optimizer's state cannot be reused."
+    )
+  if not isinstance(state.layout, structure_lib.ParamsLayout):
     raise ValueError(
         "GSpaceState.layout is not a ParamsLayout (got"
-        f" {type(layout).__name__}); build the state with the transformation's"
-        " init."
+        f" {type(state.layout).__name__}); build the state with the"
+        " transformation's init."
     )
-  layout.check(structure)
+  state.layout.check(structure)
+
+
+def _path_space_extra_args(call, skeletons, values, extra_args):
+  """The inner's extra args, in path space.
+
+  ``grad`` (a weight gradient, as optax.lbfgs passes) becomes the path
+  gradient; ``value_fn`` (a loss of the weights) becomes the loss of the
+  weights that the path values stand for, through the gauge map of
+  ``docs/g-space.md`` §4; ``value`` is invariant and passes as it is.
+  """
+  extra = dict(extra_args)
+  if "grad" in extra:
+    grad_leaves = call.flat(extra["grad"], "`grad` extra argument")
+    extra["grad"] = call.unflatten(_path_gradients(call, skeletons, grad_leaves))
+  if "value_fn" in extra:
+    value_fn = extra["value_fn"]
+
+    def path_value_fn(new_values, *args, **kwargs):
+      dv = jax.tree_util.tree_map(jnp.subtract, new_values, values)
+      zeros = [jnp.zeros_like(u) for u in call.updates]
+      updates = _allocate(call, skeletons, zeros, call.flat(dv, "`value_fn` argument"), 0.0)
+      weights = optax.apply_updates(call.unflatten(call.params), call.unflatten(updates))
+      return value_fn(weights, *args, **kwargs)
+
+    extra["value_fn"] = path_value_fn
+  return extra
+
+
+def _forget_path_space_values(inner_state):
+  """Marks a line search's stored value and gradient as stale.
+
+  ``optax.scale_by_zoom_linesearch`` keeps the value and gradient of its
+  accepted point for ``optax.value_and_grad_from_state``; here they are of
+  the loss in path values, while the training loop needs a weight gradient.
+  A stored value of Inf makes ``value_and_grad_from_state`` evaluate both
+  afresh at the weights.
+  """
+
+  def stale(x):
+    if isinstance(x, optax.ScaleByZoomLinesearchState):
+      return x._replace(value=jnp.full_like(x.value, jnp.inf))
+    return x
+
+  return jax.tree_util.tree_map(
+      stale, inner_state,
+      is_leaf=lambda x: isinstance(x, optax.ScaleByZoomLinesearchState),
+  )
+
+
+def _path_gradients(call, skeletons, grad_leaves):
+  return chain_transform.map_chains(
+      call.structure,
+      lambda g, w, d: paths_lib.path_gradients(skeletons[g.chain], w[0], d[0], d[1]),
+      [call.params, grad_leaves],
+      grad_leaves,
+  )
+
+
+def _allocate(call, skeletons, grad_leaves, dv_leaves, min_ratio):
+  return chain_transform.map_chains(
+      call.structure,
+      lambda g, w, grads, dv: paths_lib.allocate(
+          skeletons[g.chain], *w, *grads, *dv,
+          min_ratio=min_ratio, dtypes=call.param_dtypes(g),
+      ),
+      [call.params, grad_leaves, dv_leaves],
+      call.updates,
+      outside=dv_leaves,
+  )
 
 
 def g_space(
@@ -60,46 +129,54 @@ def g_space(
 ) -> optax.GradientTransformationExtraArgs:
   """Runs an optax transformation in G-space, on basis-path values.
 
-  Each update (``g-space.md`` sections 3 and 4):
+  Each update (``docs/g-space.md`` §3-§4):
 
   1. *Inverse chain rule.* The weight gradients ``g = dL/dw`` become path
      gradients ``dL/dv``: ``g_e / S_e`` for a coordinate, and
      ``(w_s g_s - U(k, j)) / v_s`` for the in-skeleton edge of hidden node
      ``(k, j)``, where ``U`` sums ``w g`` over the non-skeleton edges
-     downstream of the node's skeleton chain (one backward sweep of row sums).
-  2. ``inner`` runs with the path gradients as its updates and the
-     basis-path values (:func:`ecopt.basis_path_values`) as its params, so
-     anything that reads params, such as weight decay, acts in G-space. Its
-     output is a path update ``dv``.
+     downstream of the node's skeleton chain (one backward sweep).
+  2. ``inner`` runs with the path gradients as its updates and the basis-path
+     values (:func:`ecopt.basis_path_values`) as its params, so anything that
+     reads params, such as weight decay, acts in G-space. Its output is a
+     path update ``dv``.
   3. *Weight allocation.* ``v' = v + dv`` is realised with the free skeleton
      weights fixed: ``w'_e = (w_e + dv_e / S_e) / rho(k-1, i)`` with
      ``rho = B'/B`` built in one forward sweep. The returned update is
-     ``w' - w``, so this transformation must be the last of an optax chain.
+     ``w' - w``.
+
+  The result is a weight update of a nonlinear chart map, not a gradient:
+  nothing may follow this transformation in an optax chain (a following
+  ``optax.scale(-lr)`` would scale ``w' - w``, not ``dv``). Put the whole
+  optimizer inside: ``g_space(optax.adam(lr), spec)``, or use
+  :func:`g_sgd`, :func:`g_adam`, :func:`g_adamw`, :func:`g_rmsprop`.
 
   Free weights never move. Starting from two params related by a node
   scaling, every step yields params related by a node scaling: the same
-  network function. The structure is static and all work is O(m) array code.
+  network function. A step that takes an in-skeleton path value through zero
+  (``rho < 0``) is exact: the node's outgoing weights change sign.
 
-  Singular charts (``docs/singular_charts.md``): for finite params and
-  gradients the update is always finite, free weights never move, and where
-  nothing below triggers every bit is the exact formula's. (1) A coordinate
-  whose skeleton product ``S_e`` (or in-skeleton path value ``v_s``) is zero,
-  subnormal, not finite, or has a reciprocal that overflows is frozen: path
-  gradient 0, path value kept. (2) One step changes an in-skeleton path value
-  by a factor ``rho`` clipped to ``[min_ratio, 1/eps]``: it never reaches
-  zero or flips sign, and stays finite (the clip is G-invariant). (3) A path
-  gradient or weight update that overflows (or a new weight that would) is 0
-  for that step; a path value that overflows is saturated at the largest
-  float. Non-finite gradients are not guarded: they propagate to the updates
-  as in optax, so ``optax.apply_if_finite`` can skip the step.
+  Singular charts (``docs/g-space.md`` §6): only ``|rho| < min_ratio`` is
+  held (that all-skeleton path keeps its value for the step); a coordinate
+  whose skeleton product is zero or subnormal is frozen; an entry that would
+  overflow moves by 0, and 16-bit parameters saturate at their largest
+  finite value. For finite params and gradients every update is finite,
+  under ``jit`` too. Non-finite gradients propagate as in optax, so
+  ``optax.apply_if_finite`` can skip the step.
+
+  The ``grad`` and ``value_fn`` extra arguments (``optax.lbfgs``'s line
+  search) are taken to path space: ``value_fn`` is evaluated at the weights
+  the candidate path values stand for. The line search's stored value is
+  marked stale, so ``optax.value_and_grad_from_state`` evaluates the loss and
+  its weight gradient afresh (the stored ones are of path values).
 
   Args:
-    inner: any optax transformation (e.g. ``optax.sgd(0.1)``,
-      ``optax.adam(1e-3)``, an ``optax.chain``).
+    inner: any optax transformation (``optax.sgd(0.1)``, ``optax.adam(1e-3)``,
+      an ``optax.chain``), ending with its learning rate.
     spec: an ``ecopt.Chain`` or a sequence of them; parameters outside every
       chain are their own coordinates.
-    min_ratio: smallest allowed ratio ``B'/B`` of an in-skeleton path value
-      in one step (must be in ``(0, 1]``).
+    min_ratio: a Python float or 0-d array in ``(0, 1)``: the smallest
+      ``|v'_s / v_s|`` an all-skeleton path value may take in one step.
 
   Returns:
     A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -115,74 +192,136 @@ def g_space(
     ...                                          jnp.ones((1, 4))).sum())(params)
     >>> updates, state = opt.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
-
   References:
     Meng et al., "G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space", ICLR 2019 (arXiv:1802.03713).
   """
   chains = spec_lib.as_chains(spec)
   inner = optax.with_extra_args_support(inner)
+  min_ratio = numerics.validate_min_ratio(min_ratio)
 
   def init_fn(params):
     structure = structure_lib.resolve(params, chains)
-    # Compiled: called eagerly, op-by-op dispatch took seconds per new shape.
-    values = basis_lib.basis_path_values(params, chains)
-    return GSpaceState(inner.init(values), _layout(structure))
+    values = basis.basis_path_values(params, chains)
+    return GSpaceState(inner.init(values), structure_lib.ParamsLayout.of(structure))
 
   def update_fn(updates, state, params=None, **extra_args):
-    if params is None:
-      raise ValueError(_NO_PARAMS)
-    structure = structure_lib.resolve(params, chains)
-    _check_layout(structure, state.layout)
-    grad_leaves = _tree.check_same_layout(structure, updates, "updates")
-    param_leaves, param_def = _tree.flat(params)
-    _, grad_def = _tree.flat(updates)
+    call = chain_transform.open_update(chains, updates, params, "ecopt.g_space")
+    _check_state(state, call.structure)
+    skeletons = {}
 
-    path_grads, values, saved = list(grad_leaves), list(param_leaves), []
-    for geometry in structure.chains:
-      views, biases = _tree.chain_views(geometry, param_leaves)
-      grads, bias_grads = _tree.chain_views(geometry, grad_leaves)
-      sk = paths_lib.skeleton(geometry, views)
-      pg, pgb = paths_lib.path_gradients(geometry, sk, views, grads, bias_grads)
-      _tree.write_chain(geometry, path_grads, grad_leaves, pg, pgb)
-      pv, pvb = paths_lib.path_values(geometry, sk, views, biases)
-      _tree.write_chain(geometry, values, param_leaves, pv, pvb)
-      saved.append((geometry, sk, views))
+    def per_chain(geometry, w, g):
+      sk = skeletons[geometry.chain] = paths_lib.skeleton(geometry, w[0])
+      return paths_lib.path_gradients(sk, w[0], g[0], g[1])
 
-    path_updates, inner_state = inner.update(
-        jax.tree_util.tree_unflatten(grad_def, path_grads),
-        state.inner_state,
-        jax.tree_util.tree_unflatten(param_def, values),
-        **extra_args,
+    path_grads = chain_transform.map_chains(
+        call.structure, per_chain, [call.params, call.updates], call.updates
     )
-    dv_leaves = _tree.check_same_layout(
-        structure, path_updates, "inner transformation's output", "updates"
+    values = chain_transform.map_chains(
+        call.structure,
+        lambda geometry, w: paths_lib.path_values(skeletons[geometry.chain], *w),
+        [call.params],
+        call.params,
     )
-    out = list(dv_leaves)
-    for geometry, sk, views in saved:
-      dv, dvb = _tree.chain_views(geometry, dv_leaves)
-      d, db = paths_lib.allocate(geometry, sk, views, dv, dvb, min_ratio)
-      _tree.write_chain(geometry, out, grad_leaves, d, db)
-    new_updates = jax.tree_util.tree_unflatten(grad_def, out)
-    return new_updates, GSpaceState(inner_state, state.layout)
+    values = call.unflatten(values)
+    extra = _path_space_extra_args(call, skeletons, values, extra_args)
+    with chain_transform.in_path_space():
+      path_updates, inner_state = inner.update(
+          call.unflatten(path_grads), state.inner_state, values, **extra
+      )
+    inner_state = _forget_path_space_values(inner_state)
+    dv = call.flat(path_updates, "inner transformation's output")
+    out = _allocate(call, skeletons, call.updates, dv, min_ratio)
+    return call.unflatten(out), GSpaceState(inner_state, state.layout)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def path_decay_mask(values: Any, spec: spec_lib.Spec) -> Any:
+  """Where weight decay on path values applies, as the official G-SGD does.
+
+  True at every coordinate except the in-skeleton ones (whose values are the
+  all-skeleton paths ``v_s``, ``docs/g-space.md`` §7b) and False at free
+  positions, which are not coordinates; True outside every chain.
+
+  Args:
+    values: basis-path values (or params: only the layout is read).
+    spec: an ``ecopt.Chain`` or a sequence of them.
+
+  Returns:
+    A bool pytree like ``values``.
+  """
+  structure = structure_lib.resolve(values, spec)
+  leaves, treedef = _tree.flat(values)
+  out = [jnp.ones(jnp.shape(leaf), bool) for leaf in leaves]
+  for geometry in structure.chains:
+    for k, layer in enumerate(geometry.layers, start=1):
+      mask = paths_lib.coordinate_mask(geometry, k) & ~paths_lib.all_skeleton_mask(geometry, k)
+      out[layer.kernel_index] = jnp.broadcast_to(mask, jnp.shape(leaves[layer.kernel_index]))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class AddPathDecayState(NamedTuple):
+  """State of the path-value decay inside :func:`g_sgd` and :func:`g_adamw`."""
+
+  count: jax.Array
+
+
+def _path_decay(
+    weight_decay: optax.ScalarOrSchedule, spec: spec_lib.Spec
+) -> optax.GradientTransformationExtraArgs:
+  """``updates + weight_decay * v`` where :func:`path_decay_mask` holds.
+
+  Elementwise (optax's masks select whole leaves); leaves outside every chain
+  are decayed whole.
+  """
+
+  def strength(step):
+    return weight_decay(step) if callable(weight_decay) else weight_decay
+
+  def update_chain(geometry, values, updates, step):
+    lam = strength(step)
+    grads, bias_grads = updates
+    kernels, biases = values
+    new = []
+    for k, (g, v) in enumerate(zip(grads, kernels), start=1):
+      where = paths_lib.coordinate_mask(geometry, k) & ~paths_lib.all_skeleton_mask(geometry, k)
+      new.append(g + jnp.where(where, lam * v, 0.0).astype(g.dtype))
+    new_bias = [
+        None if g is None else g + (lam * b).astype(g.dtype)
+        for g, b in zip(bias_grads, biases)
+    ]
+    return new, new_bias
+
+  return chain_transform.chain_transformation(
+      "ecopt's path-value weight decay",
+      spec,
+      update_chain,
+      update_outside=lambda u, v, step: u + (strength(step) * v).astype(u.dtype),
+      init_state=lambda params: AddPathDecayState(jnp.zeros([], jnp.int32)),
+      next_state=lambda state: AddPathDecayState(optax.safe_increment(state.count)),
+      step_of=lambda state: state.count,
+  )
 
 
 def g_sgd(
     learning_rate: optax.ScalarOrSchedule,
     spec: spec_lib.Spec,
     *,
-    momentum: Optional[float] = None,
+    momentum: Optional[ArrayLike] = None,
     nesterov: bool = False,
+    weight_decay: ArrayLike = 0.0,
     min_ratio: ArrayLike = 1e-3,
 ) -> optax.GradientTransformationExtraArgs:
   """G-SGD: stochastic gradient descent on basis-path values.
 
-  ``v <- v - lr * dL/dv`` (with optional momentum on path gradients), realised
-  in weights with the free skeleton weights fixed. For an equal-width MLP
+  ``v <- v - lr * (dL/dv + weight_decay * v)`` (with optional momentum on
+  path gradients), realised in weights with the free skeleton weights fixed.
+  As in the authors' official code, the decay term skips the all-skeleton
+  path values ``v_s`` (:func:`path_decay_mask`). For an equal-width MLP
   without biases one step is the closed form of Meng et al. (2019),
-  Appendix 11.1. This is ``ecopt.g_space(optax.sgd(...), spec)``.
+  Appendix 11.1. This is ``ecopt.g_space(optax.chain(decay, optax.sgd(...)),
+  spec)``.
 
   In weight terms a step is ``w' ~ w - lr * g / S_e^2``; start from
   :func:`ecopt.skeleton_init` (the paper's initialisation) so ``S_e`` is 1,
@@ -193,6 +332,7 @@ def g_sgd(
     spec: an ``ecopt.Chain`` or a sequence of them.
     momentum: optional heavy-ball momentum, applied to path gradients.
     nesterov: use Nesterov momentum.
+    weight_decay: decay of the path values, added to the path gradient.
     min_ratio: singular-chart guard, see :func:`ecopt.g_space`.
 
   Returns:
@@ -204,15 +344,146 @@ def g_sgd(
     >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
     >>> spec = ecopt.Chain("layers_0", "layers_2")
     >>> params = ecopt.skeleton_init(params, spec)
-    >>> opt = ecopt.g_sgd(0.1, spec, momentum=0.9)
+    >>> opt = ecopt.g_sgd(0.1, spec, momentum=0.9, weight_decay=1e-4)
     >>> state = opt.init(params)
-
   References:
     Meng et al., "G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space", ICLR 2019 (arXiv:1802.03713).
   """
-  return g_space(
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
-      spec,
-      min_ratio=min_ratio,
+  inner = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
+  if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+    inner = optax.chain(_path_decay(weight_decay, spec), inner)
+  return g_space(inner, spec, min_ratio=min_ratio)
+
+
+def g_adam(
+    learning_rate: optax.ScalarOrSchedule,
+    spec: spec_lib.Spec,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nesterov: bool = False,
+    min_ratio: ArrayLike = 1e-3,
+) -> optax.GradientTransformationExtraArgs:
+  """G-Adam: ``optax.adam`` on path gradients and basis-path values.
+
+  ``ecopt.g_space(optax.adam(...), spec)`` with optax's signature. The
+  official G-Adam is the same algorithm with ``b2=0.99`` (and ``eps`` added
+  after the bias-corrected square root, as optax does), ``docs/g-space.md``
+  §7b.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    spec: an ``ecopt.Chain`` or a sequence of them.
+    b1, b2, eps, eps_root, mu_dtype, nesterov: as in ``optax.adam``.
+    min_ratio: singular-chart guard, see :func:`ecopt.g_space`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
+
+  Example:
+    >>> import ecopt
+    >>> opt = ecopt.g_adam(1e-3, ecopt.Chain("Dense_0", "Dense_1"), b2=0.99)
+  References:
+    Meng et al., "G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space", ICLR 2019 (arXiv:1802.03713).
+  """
+  inner = optax.adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)
+  return g_space(inner, spec, min_ratio=min_ratio)
+
+
+def g_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    spec: spec_lib.Spec,
+    b1: ArrayLike = 0.9,
+    b2: ArrayLike = 0.999,
+    eps: ArrayLike = 1e-8,
+    eps_root: ArrayLike = 0.0,
+    mu_dtype: Optional[Any] = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Optional[Any] = None,
+    *,
+    nesterov: bool = False,
+    min_ratio: ArrayLike = 1e-3,
+) -> optax.GradientTransformationExtraArgs:
+  """G-AdamW: ``optax.adamw`` on basis-path values, decoupled path decay.
+
+  The decay ``-lr * weight_decay * v`` applies where :func:`path_decay_mask`
+  is True (every coordinate but the all-skeleton paths), and only to the
+  leaves ``mask`` selects when one is given (a pytree of bools or a callable
+  of the values, as in ``optax.adamw``).
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    spec: an ``ecopt.Chain`` or a sequence of them.
+    b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov: as in
+      ``optax.adamw``.
+    min_ratio: singular-chart guard, see :func:`ecopt.g_space`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
+
+  Example:
+    >>> import ecopt
+    >>> opt = ecopt.g_adamw(1e-3, ecopt.Chain("Dense_0", "Dense_1"),
+    ...                     weight_decay=1e-2)
+  References:
+    Meng et al., "G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space", ICLR 2019 (arXiv:1802.03713).
+  """
+  decay = _path_decay(weight_decay, spec)
+  if mask is not None:
+    decay = optax.masked(decay, mask)
+  inner = optax.chain(
+      optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
+      decay,
+      optax.scale_by_learning_rate(learning_rate),
   )
+  return g_space(inner, spec, min_ratio=min_ratio)
+
+
+def g_rmsprop(
+    learning_rate: optax.ScalarOrSchedule,
+    spec: spec_lib.Spec,
+    decay: ArrayLike = 0.9,
+    eps: ArrayLike = 1e-8,
+    initial_scale: ArrayLike = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: Optional[ArrayLike] = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    *,
+    min_ratio: ArrayLike = 1e-3,
+) -> optax.GradientTransformationExtraArgs:
+  """G-RMSprop: ``optax.rmsprop`` on path gradients and basis-path values.
+
+  The official G-RMSprop is this with ``decay=0.99`` and ``eps`` added after
+  the square root (``eps_in_sqrt=False``), ``docs/g-space.md`` §7b.
+
+  Args:
+    learning_rate: a scalar or an optax schedule.
+    spec: an ``ecopt.Chain`` or a sequence of them.
+    decay, eps, initial_scale, eps_in_sqrt, centered, momentum, nesterov,
+      bias_correction: as in ``optax.rmsprop``.
+    min_ratio: singular-chart guard, see :func:`ecopt.g_space`.
+
+  Returns:
+    A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
+
+  Example:
+    >>> import ecopt
+    >>> opt = ecopt.g_rmsprop(1e-3, ecopt.Chain("Dense_0", "Dense_1"),
+    ...                       decay=0.99, eps_in_sqrt=False)
+  References:
+    Meng et al., "G-SGD: Optimizing ReLU Neural Networks in its Positively
+    Scale-Invariant Space", ICLR 2019 (arXiv:1802.03713).
+  """
+  inner = optax.rmsprop(
+      learning_rate, decay, eps, initial_scale, eps_in_sqrt, centered,
+      momentum, nesterov, bias_correction,
+  )
+  return g_space(inner, spec, min_ratio=min_ratio)

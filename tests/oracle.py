@@ -1,7 +1,7 @@
 """Independent oracles for G-space, written node by node with Python loops.
 
 Nothing here imports ecopt's math: the skeleton is walked edge by edge from the
-definitions of ``shared/design/g-space.md`` section 2, and the gauge map
+definitions of ``docs/g-space.md`` §2, and the gauge map
 ``(v, free weights) -> w`` follows section 4 literally. Only for tiny networks.
 
 A chain is given as a list of kernel views ``K[t, i, j]`` (shape
@@ -18,7 +18,9 @@ import numpy as np
 
 
 def tap(K):
-  return (K.shape[0] - 1) // 2
+  """The centre ``T//2`` of ``T`` taps: the window centre of a one-dimensional
+  window (or of a window with one dimension above 1; odd windows too)."""
+  return K.shape[0] // 2
 
 
 def widths_of(kernels, diagonal):
@@ -178,7 +180,7 @@ def free_mask(kernels, diagonal):
 
 
 def in_skeleton_ratios(values_k, new_values_k, kernels, diagonal):
-  """v'_s / v_s for every non-free in-skeleton edge (chart regular if > 0)."""
+  """v'_s / v_s for every non-free in-skeleton edge (regular if not near 0)."""
   values_k = [np.asarray(v) for v in values_k]
   new_values_k = [np.asarray(v) for v in new_values_k]
   widths = widths_of(kernels, diagonal)

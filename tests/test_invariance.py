@@ -165,6 +165,6 @@ def test_free_weights_never_change(case, opt_name):
     m, a, b = np.asarray(m), np.asarray(a), np.asarray(b)
     assert np.array_equal(a[m], b[m]), "a free weight moved"
     n_free += int(m.sum())
-  assert n_free == sum(g.num_hidden for g in ecopt.resolve_structure(start, spec).chains)
+  assert n_free == sum(g.num_hidden for g in ecopt.structure.resolve(start, spec).chains)
   moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(end), jax.tree.leaves(start))]
   assert max(moved) > 1e-3

@@ -9,7 +9,18 @@ import pytest
 import ecopt
 import nets
 import oracle
+from ecopt.chain_transform import in_path_space as _path_space
 from ecopt.regularization import add_basis_path_decay, basis_path_regularizer
+
+
+def in_path_space(fn):
+  """``fn`` called as g_space calls its inner transformation."""
+
+  def wrapped(*args, **kwargs):
+    with _path_space():
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 ARCHS = [
     pytest.param([3, 3, 3, 2], id="equal"),
@@ -57,7 +68,7 @@ def test_decay_is_gradient_of_regularizer(widths):
   wd = 0.3
   opt = add_basis_path_decay(wd, spec)
   zeros = jax.tree.map(jnp.zeros_like, values)
-  got, _ = jax.jit(opt.update)(zeros, opt.init(values), values)
+  got, _ = jax.jit(in_path_space(opt.update))(zeros, opt.init(values), values)
 
   negative = _negative_oracle(widths)
   free = oracle.free_mask([params[f"l{k}"]["kernel"][None] for k in range(len(widths) - 1)],
@@ -156,13 +167,35 @@ def test_zero_value_outside_chains_and_errors():
   values["l0"]["kernel"] = values["l0"]["kernel"].at[0, 0].set(0.0)  # negative
   zeros = jax.tree.map(jnp.zeros_like, values)
   opt = add_basis_path_decay(0.5, spec)
-  got, _ = jax.jit(opt.update)(zeros, opt.init(values), values)
+  got, _ = jax.jit(in_path_space(opt.update))(zeros, opt.init(values), values)
   for leaf in jax.tree.leaves(got):
     assert np.all(np.isfinite(leaf))
   assert float(got["l0"]["kernel"][0, 0]) == 0.0
   np.testing.assert_allclose(got["extra"]["kernel"], 1.0)
   off = add_basis_path_decay(0.5, spec, outside_chains=False)
-  got, _ = jax.jit(off.update)(zeros, off.init(values), values)
+  got, _ = jax.jit(in_path_space(off.update))(zeros, off.init(values), values)
   np.testing.assert_array_equal(got["extra"]["kernel"], 0.0)
-  with pytest.raises(ValueError, match="g_space"):
-    opt.update(zeros, opt.init(values))
+  with pytest.raises(ValueError, match="needs the current params"):
+    in_path_space(opt.update)(zeros, opt.init(values))
+  # Outside g_space its params would be weights: refused, also under jit and
+  # inside an optax.chain.
+  for tx in [opt, optax.chain(opt, optax.sgd(0.1))]:
+    with pytest.raises(ValueError, match="must run inside"):
+      jax.jit(tx.update)(zeros, tx.init(values), values)
+
+
+def test_decay_strength_takes_a_schedule():
+  widths = [2, 3, 2]
+  spec = nets.mlp_spec(widths)
+  values = values_of(_mlp(4, widths), spec)
+  zeros = jax.tree.map(jnp.zeros_like, values)
+  opt = add_basis_path_decay(optax.linear_schedule(1.0, 0.0, 2), spec)
+  state = opt.init(values)
+  update = jax.jit(in_path_space(opt.update))
+  first, state = update(zeros, state, values)
+  second, state = update(zeros, state, values)
+  third, _ = update(zeros, state, values)
+  bias = values["l1"]["bias"]
+  np.testing.assert_allclose(first["l1"]["bias"], bias, rtol=1e-12)
+  np.testing.assert_allclose(second["l1"]["bias"], 0.5 * bias, rtol=1e-12)
+  np.testing.assert_array_equal(third["l1"]["bias"], 0.0)

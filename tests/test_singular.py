@@ -1,4 +1,4 @@
-"""Singular charts (g-space.md section 6, docs/singular_charts.md).
+"""Singular charts (docs/g-space.md §6).
 
 Property-based tests over random Dense chains (widths 1..12, 2..6 layers, with
 and without biases):
@@ -336,10 +336,10 @@ def test_regular_chart_agrees_with_oracle(arch, seed, log_lr):
         new_vb[c[1] - 1][c[2]] -= lr * d
       else:
         new_vk[c[1] - 1][c[2:]] -= lr * d
-    # Regular chart: every in-skeleton path value moves by a modest factor,
-    # far from both clips (rho in [min_ratio, 1/eps] = [1e-3, 2**52]).
+    # Regular chart: every in-skeleton path value moves by a factor, of
+    # either sign, well away from the hold (|rho| >= min_ratio = 1e-3).
     ratios = oracle.in_skeleton_ratios(vk, new_vk, kernels, [False] * n)
-    if not all(0.05 < r < 20 for r in ratios):
+    if not all(0.05 < abs(r) < 20 for r in ratios):
       continue
     compared += 1
     recorded = jax.tree.map(lambda x: np.asarray(x[b]), state.inner_state[0])
@@ -472,37 +472,148 @@ def dv_at(params, where_value):
   return dv
 
 
-@pytest.mark.parametrize("min_ratio", [1e-3, 0.25])
-@pytest.mark.parametrize("factor", [-5.0, -1.0, 1e9], ids=["cross", "to-zero", "explode"])
-def test_in_skeleton_ratio_is_clipped(factor, min_ratio):
+@pytest.mark.parametrize(
+    "factor", [-5.0, -1.0, -0.01, 0.5, 1e3], ids=["cross", "mirror", "small-cross", "halve", "grow"]
+)
+def test_in_skeleton_ratio_is_exact_sign_flips_included(factor):
   params, spec = chain3(jnp.float32, skeleton=1.0, off=0.5)
   # The in-skeleton edge of node (1, 1) has v_s = 1: dv = factor - 1 asks
-  # for rho = factor; it is clipped to [min_ratio, 1/eps] (eps = 2**-23).
+  # for rho = factor, which is taken exactly, negative or large. (The new
+  # weights are w + (w' - w), as optax applies them: w' = w / rho carries an
+  # absolute rounding error of eps * |w|, relative eps * rho.)
   dv = dv_at(params, {("l0", "kernel", (1, 1)): factor - 1.0})
-  opt = ecopt.g_space(fixed_path_update(dv), spec, min_ratio=min_ratio)
+  opt = ecopt.g_space(fixed_path_update(dv), spec)
   updates, _ = first_update(opt, params, params)
   new = optax.apply_updates(params, updates)
-  rho = np.clip(factor, min_ratio, 2.0**23)
-  np.testing.assert_allclose(new["l0"]["kernel"][1, 1], rho, rtol=3e-4)
-  # Coordinates leaving node (1, 1) keep their path values: divided by rho.
-  # (w' = w + dw rounds at the scale of w, hence the absolute tolerance.)
+  np.testing.assert_allclose(new["l0"]["kernel"][1, 1], factor, rtol=3e-6)
+  # Coordinates leaving node (1, 1) keep their path values: divided by rho,
+  # so a sign flip flips them. (w' = w + dw rounds at the scale of w.)
   eps = float(jnp.finfo(jnp.float32).eps)
-  np.testing.assert_allclose(new["l1"]["kernel"][1, 0], 0.5 / rho, rtol=3e-4, atol=eps)
-  # The node's out-skeleton weight is free and the network stays finite.
+  np.testing.assert_allclose(new["l1"]["kernel"][1, 0], 0.5 / factor, rtol=3e-6, atol=eps)
+  # The node's out-skeleton weight is free: it keeps its value and sign.
   assert new["l1"]["kernel"][1, 1] == 1.0
   assert leaves_finite(new)
-  v0 = path_values(params, spec)
-  v1 = path_values(new, spec)
-  np.testing.assert_allclose(v1["l0"]["kernel"][1, 1], rho * v0["l0"]["kernel"][1, 1], rtol=3e-4)
+  v0, v1 = path_values(params, spec), path_values(new, spec)
+  np.testing.assert_allclose(v1["l0"]["kernel"][1, 1], factor * v0["l0"]["kernel"][1, 1], rtol=3e-6)
+  # Every other coordinate keeps its path value (free positions hold the
+  # all-skeleton values through them, which follow v_s).
+  free = ecopt.free_mask(params, spec)
+  tol = 4 * eps * max(1.0, abs(factor))
+  for layer in ("l1", "l2"):
+    coordinates = ~np.asarray(free[layer]["kernel"])
+    np.testing.assert_allclose(
+        np.asarray(v1[layer]["kernel"])[coordinates],
+        np.asarray(v0[layer]["kernel"])[coordinates], rtol=tol, atol=tol)
 
 
-def test_ratio_clip_is_exactly_a_no_op_inside_the_bounds():
-  params, spec = chain3(jnp.float32)
-  dv = dv_at(params, {("l0", "kernel", (1, 1)): 4999.0, ("l0", "kernel", (0, 0)): -0.998})
-  opt = ecopt.g_space(fixed_path_update(dv), spec)
+@pytest.mark.parametrize("min_ratio", [1e-3, 0.25])
+@pytest.mark.parametrize("factor", [0.0, 1e-4, -1e-4, 0.2, -0.2])
+def test_ratio_below_min_ratio_is_held_and_the_rest_is_exact(factor, min_ratio):
+  params, spec = chain3(jnp.float32, skeleton=1.0, off=0.5)
+  # Node (1, 1) asks for rho = factor; node (1, 0) for rho = 3; coordinate
+  # l1[2, 0] for dv = 0.25.
+  dv = dv_at(params, {
+      ("l0", "kernel", (1, 1)): factor - 1.0,
+      ("l0", "kernel", (0, 0)): 2.0,
+      ("l1", "kernel", (2, 0)): 0.25,
+  })
+  opt = ecopt.g_space(fixed_path_update(dv), spec, min_ratio=min_ratio)
   new = optax.apply_updates(params, first_update(opt, params, params)[0])
-  np.testing.assert_allclose(new["l0"]["kernel"][1, 1], 5000.0, rtol=3e-4)
-  np.testing.assert_allclose(new["l0"]["kernel"][0, 0], 0.002, rtol=3e-4)
+  held = abs(factor) < min_ratio
+  rho = 1.0 if held else factor
+  np.testing.assert_allclose(new["l0"]["kernel"][1, 1], rho, rtol=3e-6)
+  np.testing.assert_allclose(new["l1"]["kernel"][1, 0], 0.5 / rho, rtol=3e-6)
+  # Every other coordinate takes its exact step.
+  np.testing.assert_allclose(new["l0"]["kernel"][0, 0], 3.0, rtol=3e-6)
+  np.testing.assert_allclose(new["l1"]["kernel"][0, 1], 0.5 / 3.0, rtol=3e-6)
+  np.testing.assert_allclose(new["l1"]["kernel"][2, 0], 0.75, rtol=3e-6)
+  assert leaves_finite(new)
+
+
+@pytest.mark.parametrize(
+    "bad", [0.0, 1.0, -0.1, 1.5, float("nan"), "0.1", None, True, [1e-3], np.full((2,), 1e-3)]
+)
+def test_min_ratio_must_be_a_scalar_in_the_open_unit_interval(bad):
+  spec = spec_of(2)
+  with pytest.raises(ValueError, match="min_ratio"):
+    ecopt.g_space(optax.sgd(0.1), spec, min_ratio=bad)
+  with pytest.raises(ValueError, match="min_ratio"):
+    ecopt.g_sgd(0.1, spec, min_ratio=bad)
+
+
+def test_min_ratio_accepts_floats_and_0d_arrays_and_is_injectable():
+  params, spec = chain3(jnp.float32)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for good in (0.5, np.float32(1e-3), jnp.asarray(1e-2), np.asarray(0.1)):
+    ecopt.g_space(optax.sgd(0.1), spec, min_ratio=good)
+  opt = optax.inject_hyperparams(ecopt.g_sgd)(learning_rate=0.1, spec=spec, min_ratio=0.25)
+  state = opt.init(params)
+  assert float(state.hyperparams["min_ratio"]) == 0.25
+  want, _ = first_update(ecopt.g_sgd(0.1, spec, min_ratio=0.25), grads, params)
+  got, _ = jax.jit(opt.update)(grads, state, params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("state", ["none", "dict", "sgd"])
+def test_a_foreign_state_is_refused(state):
+  params, spec = chain3(jnp.float32)
+  opt = ecopt.g_sgd(0.1, spec, momentum=0.9)
+  grads = jax.tree.map(jnp.ones_like, params)
+  good = opt.init(params)
+  foreign = {
+      "none": None,
+      "dict": {"inner_state": good.inner_state, "layout": {}},
+      "sgd": optax.sgd(0.1, momentum=0.9).init(params),
+  }[state]
+  with pytest.raises(ValueError, match="GSpaceState"):
+    opt.update(grads, foreign, params)
+
+
+@pytest.mark.parametrize("skeleton", [1e-15, 1e-16])
+@pytest.mark.parametrize("lr", [1e6, 1e9])
+def test_zero_gradients_give_zero_updates_under_jit_for_any_lr(lr, skeleton):
+  # Skeleton products of 1e-30 and below: -lr / S overflows float32, which
+  # XLA may fold into the update before multiplying by the zero gradient.
+  params, spec = chain3(jnp.float32, skeleton=skeleton, off=1.0)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  for opt in (ecopt.g_sgd(lr, spec), ecopt.g_sgd(lr, spec, momentum=0.9), ecopt.g_adam(lr, spec)):
+    state = opt.init(params)
+    for update in (jax.jit(opt.update), opt.update):
+      updates, _ = update(grads, state, params)
+      for leaf in jax.tree.leaves(updates):
+        np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+
+
+def test_bias_overflow_freezes_the_bias():
+  params, spec = chain3(jnp.float32)
+  params["l2"]["bias"] = jnp.asarray([-3e38, 1.0], jnp.float32)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  grads["l2"]["bias"] = jnp.asarray([3e38, 1.0], jnp.float32)
+  opt = ecopt.g_sgd(1.0, spec)
+  for update in (jax.jit(opt.update), opt.update):
+    updates, _ = update(grads, opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert leaves_finite(updates) and leaves_finite(new)
+    assert float(updates["l2"]["bias"][0]) == 0.0  # -3e38 - 3e38 would be -inf
+    np.testing.assert_allclose(updates["l2"]["bias"][1], -1.0)
+
+
+def test_bfloat16_new_weights_saturate_instead_of_overflowing():
+  big = float(jnp.finfo(jnp.bfloat16).max)
+  params, spec = chain3(jnp.bfloat16, skeleton=1.0, off=1.0)
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  params["l1"]["kernel"] = params["l1"]["kernel"].at[0, 1].set(-0.5 * big)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  # A float32 step of +1e38 * 10 on that entry, beyond bfloat16's range.
+  grads["l1"]["kernel"] = grads["l1"]["kernel"].at[0, 1].set(3e38)
+  opt = ecopt.g_sgd(10.0, spec)
+  for update in (jax.jit(opt.update), opt.update):
+    updates, _ = update(grads, opt.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert new["l1"]["kernel"].dtype == jnp.bfloat16
+    assert leaves_finite(updates) and leaves_finite(new)
+    assert float(new["l1"]["kernel"][0, 1]) == -big
 
 
 def test_path_gradient_overflow_freezes_the_coordinate():

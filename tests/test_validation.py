@@ -207,7 +207,7 @@ def test_removed_leaf_between_init_and_update():
 def test_update_without_params():
   params = mlp(WIDTHS)
   opt = ecopt.g_sgd(0.1, SPEC)
-  with pytest.raises(ValueError, match="need the current params"):
+  with pytest.raises(ValueError, match="needs the current params"):
     opt.update(params, opt.init(params))
 
 

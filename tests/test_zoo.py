@@ -346,8 +346,8 @@ def test_linen_and_nnx_zoo_agree_on_geometry():
       ("linen-mlp", "nnx-mlp"),
   ]
   for a, b in pairs:
-    sa = ecopt.resolve_structure(get_case(a).params, get_case(a).spec)
-    sb = ecopt.resolve_structure(get_case(b).params, get_case(b).spec)
+    sa = ecopt.structure.resolve(get_case(a).params, get_case(a).spec)
+    sb = ecopt.structure.resolve(get_case(b).params, get_case(b).spec)
     assert sa.dim == sb.dim
     for ca, cb in zip(sa.chains, sb.chains):
       assert ca.widths == cb.widths
@@ -355,22 +355,23 @@ def test_linen_and_nnx_zoo_agree_on_geometry():
 
 
 def test_conv_and_flatten_views():
-  """Conv kernels read as (prod(window), cin, cout); flatten-Dense as (H*W, C, out)."""
+  """Conv kernels read as (prod(window), cin, cout), skeleton tap at the window
+  centre ((1, 1) of a 2x3 window: tap 4); flatten-Dense as (H*W, C, out), tap P//2."""
   case = get_case("linen-plain-options")
-  chain = ecopt.resolve_structure(case.params, case.spec).chains[0]
+  chain = ecopt.structure.resolve(case.params, case.spec).chains[0]
   conv0, conv1, head = chain.layers
-  assert (conv0.taps, conv0.n_in, conv0.n_out, conv0.skeleton_tap) == (6, 2, 3, 2)
-  assert (conv1.taps, conv1.n_in, conv1.n_out, conv1.skeleton_tap) == (6, 3, 4, 2)
+  assert (conv0.taps, conv0.n_in, conv0.n_out, conv0.skeleton_tap) == (6, 2, 3, 4)
+  assert (conv1.taps, conv1.n_in, conv1.n_out, conv1.skeleton_tap) == (6, 3, 4, 4)
   # 12x12, kernel (2,3) dilated (2,1) = 3x3 VALID, strides (1,2) -> 10x5;
   # avg pool (SAME) -> 5x3; conv -> 3x1; pool -> 2x1: the head sees 2
   # positions of 4 channels.
   assert case.params["Dense_0"]["kernel"].shape == (8, CLASSES)
-  assert (head.taps, head.n_in, head.n_out, head.skeleton_tap) == (2, 4, CLASSES, 0)
+  assert (head.taps, head.n_in, head.n_out, head.skeleton_tap) == (2, 4, CLASSES, 1)
   assert chain.widths == (2, 3, 4, CLASSES)
-  one_d = ecopt.resolve_structure(get_case("nnx-cnn1d").params, get_case("nnx-cnn1d").spec)
+  one_d = ecopt.structure.resolve(get_case("nnx-cnn1d").params, get_case("nnx-cnn1d").spec)
   assert [l.view_shape for l in one_d.chains[0].layers][:2] == [(3, 2, 3), (3, 3, 4)]
   bn = get_case("nnx-plain-bn-train")
-  chains = ecopt.resolve_structure(bn.params, bn.spec).chains
+  chains = ecopt.structure.resolve(bn.params, bn.spec).chains
   assert [c.layers[0].diagonal for c in chains] == [True, True]
   assert chains[0].layers[1].view_shape == (9, 3, 4)
   assert chains[1].widths == (4, 4, CLASSES)
