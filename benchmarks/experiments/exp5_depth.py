@@ -172,12 +172,23 @@ def run(settings, out_dir: pathlib.Path, progress=True, only=None, names=None):
         "summary": res.summary(), "grid": res.to_json(), "initial_grid": initial,
         "edge": C.edge(res),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    C.write_json(path, {"settings": settings, "runs": runs})
-  payload = {"settings": settings, "runs": runs,
+    runs = _save(path, settings, runs)
+  payload = {"settings": settings, "runs": _save(path, settings, runs),
              "seconds_this_invocation": time.time() - start}
-  C.write_json(path, payload)
   return payload
+
+
+def _save(path: pathlib.Path, settings, runs) -> dict:
+  """Writes ``runs`` merged with what is on disk (several invocations may share it)."""
+  on_disk = C.json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
+  merged = {k: dict(v) for k, v in on_disk.items()}
+  for key, entries in runs.items():
+    merged.setdefault(key, {}).update(entries)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  C.write_json(tmp, {"settings": settings, "runs": merged})
+  tmp.replace(path)
+  return merged
 
 
 def verdict(g: dict, w: dict, key: str) -> str:
