@@ -26,12 +26,12 @@ from ecopt.spec import Chain
 from ecopt.spec import Layer
 from ecopt.spec import Spec
 from ecopt.transform import GSpaceState
-from ecopt.transform import g_adam
-from ecopt.transform import g_adamw
-from ecopt.transform import g_rmsprop
-from ecopt.transform import g_sgd
+from ecopt.aliases import g_adam
+from ecopt.aliases import g_adamw
+from ecopt.aliases import g_rmsprop
+from ecopt.aliases import g_sgd
+from ecopt.aliases import path_decay_mask
 from ecopt.transform import g_space
-from ecopt.transform import path_decay_mask
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """BatchNorm in G-space: the exact treatment, and the paper's approximation.
 
-**Exact treatment** (``shared/design/g-space.md`` section 8; nothing to add
+**Exact treatment** (``docs/g-space.md`` §8; nothing to add
 here, it is a spec). For ``conv_a -> BN -> ReLU -> layer_b``, the node after
 BN's affine part is a hidden node: ``Chain("BatchNorm_0", "Conv_1")`` reads
 BN's ``scale`` as a diagonal incoming layer (its ``bias`` as that layer's

@@ -64,7 +64,7 @@ CANONICAL_SPEC = ecopt.Chain(
 
 def test_layer_entries_read_the_declared_layout():
   params = _general_params(_rng())
-  structure = ecopt.resolve_structure(params, GENERAL_SPEC)
+  structure = ecopt.structure.resolve(params, GENERAL_SPEC)
   assert structure.chains[0].widths == (6, 12, 5, 2)
   first, _, head = structure.chains[0].layers
   assert (first.shape, first.leaf_shape, first.permutation) == ((6, 12), (6, 4, 3), None)
@@ -74,7 +74,7 @@ def test_layer_entries_read_the_declared_layout():
 
 def test_layer_layout_round_trip_and_plain_kernels_emit_no_ops():
   params = _general_params(_rng())
-  structure = ecopt.resolve_structure(params, GENERAL_SPEC)
+  structure = ecopt.structure.resolve(params, GENERAL_SPEC)
   leaves = jax.tree.leaves(params)
   views, biases = _tree.chain_views(structure.chains[0], leaves)
   out = list(leaves)
@@ -83,7 +83,7 @@ def test_layer_layout_round_trip_and_plain_kernels_emit_no_ops():
     np.testing.assert_array_equal(a, b)
   # An ordinary Dense kernel goes through as it is: no transpose, no reshape.
   plain = {"a": {"kernel": jnp.ones((3, 4))}, "b": {"kernel": jnp.ones((4, 2))}}
-  s = ecopt.resolve_structure(plain, ecopt.Chain("a", "b"))
+  s = ecopt.structure.resolve(plain, ecopt.Chain("a", "b"))
   jaxpr = jax.make_jaxpr(
       lambda leaves: _tree.chain_views(s.chains[0], leaves)[0]
   )(jax.tree.leaves(plain))
@@ -124,7 +124,7 @@ def test_infer_spec_writes_the_same_layers():
   x = jnp.asarray(_rng(2).standard_normal((5, 6)))
   spec = ecopt.infer_spec(_general_apply, params, x)
   assert len(spec) == 1
-  assert [ecopt.resolve_structure(params, spec).chains[0].layers[k].shape for k in range(3)] == [
+  assert [ecopt.structure.resolve(params, spec).chains[0].layers[k].shape for k in range(3)] == [
       (6, 12), (12, 5), (5, 2)
   ]
   assert spec[0].entries[0].path == ("enc/dense",)
@@ -164,7 +164,7 @@ def test_ambiguous_plain_entries_are_refused_with_a_way_out(leaves, name, match)
 )
 def test_ordinary_conv_kernels_keep_working(leaves, name):
   params = {name: {k: jnp.ones(s) for k, s in leaves.items()}, "next": {"kernel": jnp.ones((8, 2))}}
-  assert ecopt.resolve_structure(params, ecopt.Chain(name, "next")).num_hidden == 8
+  assert ecopt.structure.resolve(params, ecopt.Chain(name, "next")).num_hidden == 8
 
 
 def test_layer_validation():

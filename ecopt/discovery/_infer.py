@@ -23,7 +23,7 @@ class InferredSpec(tuple):
   ``[c for c in spec if "head" not in c.names[-1]]``.
 
   Attributes:
-    structure: the resolved geometry (``ecopt.resolve_structure``), or None.
+    structure: the resolved geometry (``ecopt.structure.resolve``), or None.
     ends: layer name -> why its output is not a hidden level (for the layers
       that end a chain or stand alone); see :meth:`explain`.
     activated: for each chain, for each hidden level, whether it passes a

@@ -85,7 +85,7 @@ def verify_spec(
 
   Raises:
     ValueError: for a spec that does not fit the params (from
-      ``ecopt.resolve_structure``), or naming the chain, the hidden level
+      ``ecopt.structure.resolve``), or naming the chain, the hidden level
       (the layers around it) and a node whose scaling changes the outputs,
       with the relative change, the tolerance and, when ecopt can trace it,
       where the level's values leave the chain (e.g. a skip connection: the

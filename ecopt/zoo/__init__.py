@@ -11,7 +11,7 @@ to ``nnx.state(model, nnx.Param)`` for ``nnx`` models. Models:
   pooling and a Dense head.
 - ``CNN1D``: 1-D conv stack on ``(N, L, C)`` inputs, pooling, flatten, Dense.
 
-Where a chain starts and ends (``shared/design/g-space.md`` sections 1, 8).
+Where a chain starts and ends (``docs/g-space.md`` §1, §8).
 A level between two layers is a hidden level of a chain only if every
 operation between them is positively homogeneous *per node* (degree 1): ReLU,
 max/avg pooling, reshapes. Then scaling the node's incoming weights (and bias)
