@@ -166,3 +166,15 @@ def test_extra_grad_argument_must_match_the_params():
   with pytest.raises(ValueError, match="grad"):
     opt.update(grads, opt.init(params), params, value=0.0, grad={"l0": grads["l0"]},
                value_fn=lambda p: _loss(p, x, y))
+
+
+def test_a_transformation_after_g_space_is_not_the_path_step():
+  """Why nothing may follow a G-space transformation (README, docs §4)."""
+  params, x, y = _problem()
+  lr = 0.05
+  right = _run(ecopt.g_adam(lr, SPEC), params, x, y, 4)
+  same = _run(ecopt.g_space(optax.chain(optax.scale_by_adam(), optax.scale(-lr)), SPEC), params, x, y, 4)
+  wrong = _run(optax.chain(ecopt.g_space(optax.scale_by_adam(), SPEC), optax.scale(-lr)), params, x, y, 4)
+  assert nets.tree_rel_err(same, right) < 1e-14
+  loss = lambda p: float(_loss(p, x, y))
+  assert abs(loss(wrong) - loss(right)) > 0.1 * loss(right)
