@@ -126,13 +126,13 @@ def g_sgd(
     A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, ecopt, flax.linen as nn
-    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
-    >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
-    >>> spec = ecopt.Chain("layers_0", "layers_2")
-    >>> params = ecopt.skeleton_init(params, spec)
+    >>> import jax.numpy as jnp, ecopt
+    >>> params = {"l0": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros(4)},
+    ...           "l1": {"kernel": jnp.ones((4, 2))}}
+    >>> spec = ecopt.Chain("l0", "l1")
     >>> opt = ecopt.g_sgd(0.1, spec, momentum=0.9, weight_decay=1e-4)
-    >>> state = opt.init(params)
+    >>> state = opt.init(ecopt.skeleton_init(params, spec))
+
   References:
     Meng et al., "G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space", ICLR 2019 (arXiv:1802.03713).
@@ -174,6 +174,7 @@ def g_adam(
   Example:
     >>> import ecopt
     >>> opt = ecopt.g_adam(1e-3, ecopt.Chain("Dense_0", "Dense_1"), b2=0.99)
+
   References:
     Meng et al., "G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space", ICLR 2019 (arXiv:1802.03713).
@@ -217,6 +218,7 @@ def g_adamw(
     >>> import ecopt
     >>> opt = ecopt.g_adamw(1e-3, ecopt.Chain("Dense_0", "Dense_1"),
     ...                     weight_decay=1e-2)
+
   References:
     Meng et al., "G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space", ICLR 2019 (arXiv:1802.03713).
@@ -265,6 +267,7 @@ def g_rmsprop(
     >>> import ecopt
     >>> opt = ecopt.g_rmsprop(1e-3, ecopt.Chain("Dense_0", "Dense_1"),
     ...                       decay=0.99, eps_in_sqrt=False)
+
   References:
     Meng et al., "G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space", ICLR 2019 (arXiv:1802.03713).

@@ -118,7 +118,7 @@ def path_kappa(params: Any, spec: spec_lib.Spec) -> Any:
     spec: an ``ecopt.Chain`` or a sequence of them.
 
   Returns:
-    A pytree shaped like ``params``.
+    ``kappa``, in the layout of ``params``.
 
   Example:
     >>> import jax.numpy as jnp, ecopt
@@ -224,14 +224,12 @@ def path_sgd(
     A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, ecopt, flax.linen as nn
-    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
-    >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
-    >>> opt = ecopt.path_sgd(0.01, ecopt.Chain("layers_0", "layers_2"))
-    >>> state = opt.init(params)
-    >>> grads = jax.grad(lambda p: model.apply({"params": p},
-    ...                                          jnp.ones((1, 4))).sum())(params)
-    >>> updates, state = opt.update(grads, state, params)
+    >>> import jax, jax.numpy as jnp, optax, ecopt
+    >>> params = {"a": {"kernel": jnp.full((3, 4), 0.5)},
+    ...           "b": {"kernel": jnp.full((4, 1), 2.0)}}
+    >>> opt = ecopt.path_sgd(0.01, ecopt.Chain("a", "b"))
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, _ = opt.update(grads, opt.init(params), params)
     >>> params = optax.apply_updates(params, updates)
 
   References:

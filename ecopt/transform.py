@@ -191,6 +191,7 @@ def g_space(
     ...                                          jnp.ones((1, 4))).sum())(params)
     >>> updates, state = opt.update(grads, state, params)
     >>> params = optax.apply_updates(params, updates)
+
   References:
     Meng et al., "G-SGD: Optimizing ReLU Neural Networks in its Positively
     Scale-Invariant Space", ICLR 2019 (arXiv:1802.03713).
