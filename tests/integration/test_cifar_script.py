@@ -25,7 +25,7 @@ def test_cifar_script_on_tiny_pickles(tmp_path):
   data_dir = datasets.synthetic_cifar(tmp_path / "cifar-10-batches-py", num_train=16, num_test=4)
   result = cifar.main([
       "--data", str(data_dir), "--model", "plain", "--blocks", "1",
-      "--channels", "4", "8", "8", "--epochs", "1", "--batch-size", "8", "--weight-decay", "0",
+      "--channels", "4", "8", "8", "--epochs", "1", "--batch-size", "8",
       "--out", str(tmp_path / "out"),
   ])
   runs = {(r["model"], r["optimizer"]): r for r in result["runs"]}
