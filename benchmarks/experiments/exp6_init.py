@@ -146,12 +146,13 @@ def run(settings, out_dir: pathlib.Path, progress=True):
 def plot(settings, grids, out_path):
   models = list(settings["models"])
   fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 8), squeeze=False)
+  colors = {name: f"C{i}" for i, name in enumerate(runs_of())}  # same run, same colour
   for col, m in enumerate(models):
     for run_name in settings["models"][m].get("runs", list(runs_of())):
       res = grids[m, run_name]
-      style = "-" if run_name.startswith("G-") else ":"
-      C.plot_curves(axes[0, col], res, run_name, "train_loss", linestyle=style)
-      C.plot_curves(axes[1, col], res, run_name, "test_error", linestyle=style)
+      style = dict(linestyle="-" if run_name.startswith("G-") else ":", color=colors[run_name])
+      C.plot_curves(axes[0, col], res, run_name, "train_loss", **style)
+      C.plot_curves(axes[1, col], res, run_name, "test_error", **style)
     axes[0, col].set_yscale("log")
     axes[0, col].set_title(f"{m}: train loss")
     axes[1, col].set_title(f"{m}: test error")
