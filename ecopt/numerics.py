@@ -46,12 +46,15 @@ def safe_reciprocal(x: jax.Array) -> jax.Array:
   return jnp.where(ok, 1.0 / jnp.where(ok, x, 1.0), 0.0).astype(x.dtype)
 
 
-def damaged(*xs: jax.Array) -> jax.Array:
-  """True where any of ``xs`` is NaN or Inf (elementwise, broadcast)."""
-  out = jnp.zeros((), bool)
-  for x in xs:
-    out = out | ~jnp.isfinite(x)
-  return out
+def damaged(x: jax.Array) -> jax.Array:
+  """True where ``x`` is NaN or Inf."""
+  return ~jnp.isfinite(x)
+
+
+def damage_marker(x: jax.Array) -> jax.Array:
+  """NaN where ``x`` is NaN or Inf, else 0: damage as a float, so that sums
+  carry it and, with hidden units sharded, it moves as a float vector."""
+  return jnp.zeros((), x.dtype) * x
 
 
 def freeze(x: jax.Array, *, result: jax.Array, damage: jax.Array) -> jax.Array:

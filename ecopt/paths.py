@@ -124,28 +124,31 @@ def path_values(
   return values, bias_values
 
 
-def gradient_damage(sk: Sequence[LayerSkeleton], grads: Arrays) -> list[jax.Array]:
-  """Per layer ``k``, True at the in-skeleton edges whose path gradient is
-  damaged (kernel-shaped): a non-finite gradient of the edge itself, or of a
-  free weight downstream of the node's skeleton chain. A free weight has no
-  update of its own to carry the damage to the optimizer; the nearest
-  in-skeleton path gradient upstream does. Elsewhere, a non-finite gradient
-  damages its own entry only; free weights are never damaged (they never
-  move).
+def _gradient_damage(
+    sk: Sequence[LayerSkeleton], grads: Arrays, g_out: Sequence[Optional[jax.Array]]
+) -> list[jax.Array]:
+  """Per layer, True at the entries whose update carries gradient damage.
+
+  A non-finite gradient damages its own entry. A free weight has no update
+  of its own to carry its damage to the optimizer: the nearest in-skeleton
+  path gradient upstream does (one backward sweep, like ``U``). Free weights
+  themselves are never damaged: they never move. ``g_out[k]`` holds the
+  out-skeleton gradients of layer ``k+1`` (the free weights of level ``k``).
   """
   n = len(sk)
   hurt: list[Optional[jax.Array]] = [None] * (n + 1)
   for k in range(n - 1, 0, -1):
     nxt = sk[k]  # layer k+1
-    hurt[k] = numerics.damaged(nxt.o, nxt.view.out_skeleton(grads[k]))
+    hurt[k] = numerics.damage_marker(nxt.o) + numerics.damage_marker(g_out[k])
     if hurt[k + 1] is not None:
-      hurt[k] = hurt[k] | head(hurt[k + 1], hurt[k].shape[0])
+      hurt[k] = hurt[k] + head(hurt[k + 1], hurt[k].shape[0])
   damage = []
   for k, (layer, g) in enumerate(zip(sk, grads), start=1):
-    own = numerics.damaged(g)
+    marker = numerics.damage_marker(g)
     if layer.has_own_in_skeleton:
-      own = layer.view.with_in_skeleton(own, hurt[k] | numerics.damaged(layer.view.in_skeleton(g)))
-    damage.append(own if k == 1 else layer.view.without_free(own))
+      own = hurt[k] + numerics.damage_marker(layer.view.in_skeleton(g))
+      marker = layer.view.with_in_skeleton(marker, own)
+    damage.append(jnp.isnan(marker if k == 1 else layer.view.without_free(marker)))
   return damage
 
 
@@ -154,20 +157,27 @@ def path_gradients(
     kernels: Arrays,
     grads: Arrays,
     bias_grads: Biases,
-) -> tuple[list[jax.Array], list[Optional[jax.Array]]]:
+) -> tuple[list[jax.Array], list[Optional[jax.Array]], list[jax.Array]]:
   """The inverse chain rule of §3: ``dL/dv`` for every edge, 0 where free.
 
   A coordinate gets ``g_e / S_e``; the in-skeleton edge of hidden node
   ``(k, j)`` that is not free gets ``(phi_s - U(k, j)) / v_s`` with
   ``phi = w g`` and ``U`` summed in one backward sweep of row sums.
+
+  Returns:
+    The path gradients of the kernels and of the biases, and per layer the
+    entries damaged by non-finite gradients (:func:`_gradient_damage`), which
+    :func:`allocate` carries to the updates.
   """
   n = len(sk)
   U: list[Optional[jax.Array]] = [None] * (n + 1)
+  g_out: list[Optional[jax.Array]] = [None] * n
   for k in range(n - 1, 0, -1):
     nxt, w, g = sk[k], kernels[k], grads[k]  # layer k+1
-    R = nxt.view.row_sums(w * g) - nxt.o * nxt.view.out_skeleton(g)
+    g_out[k] = nxt.view.out_skeleton(g)
+    R = nxt.view.row_sums(w * g) - nxt.o * g_out[k]
     U[k] = R if U[k + 1] is None else R + head(U[k + 1], R.shape[0])
-  damage = gradient_damage(sk, grads)
+  damage = _gradient_damage(sk, grads, g_out)
   out, out_bias = [], []
   for k, (layer, g, gb) in enumerate(zip(sk, grads, bias_grads), start=1):
     p = g * layer.inv_S
@@ -182,18 +192,18 @@ def path_gradients(
     else:
       pb = gb * layer.inv_F_out.value
       out_bias.append(numerics.freeze(pb, result=pb, damage=numerics.damaged(gb)))
-  return out, out_bias
+  return out, out_bias, damage
 
 
 def allocate(
     sk: Sequence[LayerSkeleton],
     kernels: Arrays,
     biases: Biases,
-    grads: Arrays,
-    bias_grads: Biases,
     path_updates: Arrays,
     bias_path_updates: Biases,
     *,
+    damage: Sequence[jax.Array],
+    bias_grads: Biases,
     min_ratio: Any,
     dtypes: Sequence[Any],
 ) -> tuple[list[jax.Array], list[Optional[jax.Array]]]:
@@ -202,9 +212,9 @@ def allocate(
   ``rho(k, j) = 1 + dv_s / v_s`` for an in-skeleton edge that is not free,
   inherited along free ones, built in one forward sweep as ``r = rho - 1``;
   then ``w'_e = (w_e + dv_e / S_e) / rho(k-1, i)`` and ``b' = b + dv_b / F``.
-  Free weights do not move. ``grads`` are the weight gradients, whose damage
-  (:func:`gradient_damage`) the updates carry; ``dtypes`` are the
-  parameters' own dtypes, at whose largest finite value they saturate.
+  Free weights do not move. The updates carry the gradients' ``damage``
+  (from :func:`path_gradients`; a bias's from ``bias_grads``); ``dtypes`` are
+  the parameters' own dtypes, at whose largest finite value they saturate.
   """
   # r and 1/rho per level. A level that inherits every ratio from an equal
   # width level shares its NodeVectors, so one pinned copy serves all.
@@ -222,7 +232,6 @@ def allocate(
     ratio = numerics.hold_small_ratios(ratio, min_ratio)
     r.append(NodeVector(jnp.where(layer.own_in_skeleton, ratio, cycle(r[-1], h))))
     inv_rho.append(NodeVector(1 / (1 + r[k].value)))
-  damage = gradient_damage(sk, grads)
   out, out_bias = [], []
   for k, (layer, w, b, gb, dv, dvb, dtype) in enumerate(
       zip(sk, kernels, biases, bias_grads, path_updates, bias_path_updates, dtypes), start=1

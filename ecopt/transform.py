@@ -69,7 +69,13 @@ def _path_space_extra_args(call, skeletons, values, extra_args):
     def path_value_fn(new_values, *args, **kwargs):
       dv = jax.tree_util.tree_map(jnp.subtract, new_values, values)
       zeros = [jnp.zeros_like(u) for u in call.updates]
-      updates = _allocate(call, skeletons, zeros, call.flat(dv, "`value_fn` argument"), 0.0)
+      healthy = {
+          geometry.chain: [jnp.zeros(layer.shape, bool) for layer in geometry.layers]
+          for geometry in call.structure.chains
+      }
+      updates = _allocate(
+          call, skeletons, healthy, zeros, call.flat(dv, "`value_fn` argument"), 0.0
+      )
       weights = optax.apply_updates(call.unflatten(call.params), call.unflatten(updates))
       return value_fn(weights, *args, **kwargs)
 
@@ -99,20 +105,22 @@ def _forget_path_space_values(inner_state):
 
 
 def _path_gradients(call, skeletons, grad_leaves):
+  def per_chain(geometry, w, g):
+    return paths_lib.path_gradients(skeletons[geometry.chain], w[0], *g)[:2]
+
   return chain_transform.map_chains(
-      call.structure,
-      lambda g, w, d: paths_lib.path_gradients(skeletons[g.chain], w[0], d[0], d[1]),
-      [call.params, grad_leaves],
-      grad_leaves,
+      call.structure, per_chain, [call.params, grad_leaves], grad_leaves
   )
 
 
-def _allocate(call, skeletons, grad_leaves, dv_leaves, min_ratio):
+def _allocate(call, skeletons, damages, grad_leaves, dv_leaves, min_ratio):
+  """``damages``: per chain, the damage :func:`ecopt.paths.path_gradients`
+  found in the gradients ``grad_leaves`` (whose biases carry their own)."""
   return chain_transform.map_chains(
       call.structure,
       lambda g, w, grads, dv: paths_lib.allocate(
-          skeletons[g.chain], *w, *grads, *dv,
-          min_ratio=min_ratio, dtypes=call.param_dtypes(g),
+          skeletons[g.chain], *w, *dv, damage=damages[g.chain],
+          bias_grads=grads[1], min_ratio=min_ratio, dtypes=call.param_dtypes(g),
       ),
       [call.params, grad_leaves, dv_leaves],
       call.updates,
@@ -208,11 +216,12 @@ def g_space(
   def update_fn(updates, state, params=None, **extra_args):
     call = chain_transform.open_update(chains, updates, params, "ecopt.g_space")
     _check_state(state, call.structure)
-    skeletons = {}
+    skeletons, damages = {}, {}
 
     def per_chain(geometry, w, g):
       sk = skeletons[geometry.chain] = paths_lib.skeleton(geometry, w[0])
-      return paths_lib.path_gradients(sk, w[0], g[0], g[1])
+      kernels, biases, damages[geometry.chain] = paths_lib.path_gradients(sk, w[0], *g)
+      return kernels, biases
 
     path_grads = chain_transform.map_chains(
         call.structure, per_chain, [call.params, call.updates], call.updates
@@ -231,7 +240,7 @@ def g_space(
       )
     inner_state = _forget_path_space_values(inner_state)
     dv = call.flat(path_updates, "inner transformation's output")
-    out = _allocate(call, skeletons, call.updates, dv, min_ratio)
+    out = _allocate(call, skeletons, damages, call.updates, dv, min_ratio)
     return call.unflatten(out), GSpaceState(inner_state, state.layout)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
