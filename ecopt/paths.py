@@ -124,32 +124,49 @@ def path_values(
   return values, bias_values
 
 
-def _gradient_damage(
-    sk: Sequence[LayerSkeleton], grads: Arrays, g_out: Sequence[Optional[jax.Array]]
-) -> list[jax.Array]:
-  """Per layer, True at the entries whose update carries gradient damage.
+@dataclasses.dataclass(frozen=True)
+class GradientDamage:
+  """Where non-finite gradients must reach the updates.
 
   A non-finite gradient damages its own entry. A free weight has no update
   of its own to carry its damage to the optimizer: the nearest in-skeleton
-  path gradient upstream does (one backward sweep, like ``U``). Free weights
-  themselves are never damaged: they never move. ``g_out[k]`` holds the
-  out-skeleton gradients of layer ``k+1`` (the free weights of level ``k``).
+  path gradient upstream does, found in one backward sweep like ``U``. Free
+  weights themselves are never damaged: they never move.
+
+  Attributes:
+    in_skeleton: per layer, a NaN marker per node of its output level (NaN
+      where that node's in-skeleton entry is damaged), or None where the
+      layer has no in-skeleton coordinates. Shared by the path gradients'
+      and the allocation's loops; each loop reads its own gradients for the
+      other entries, so no kernel-sized mask is kept between them.
   """
+
+  in_skeleton: tuple[Optional[NodeVector], ...]
+
+  def of(self, k: int, layer: LayerSkeleton, g: jax.Array) -> jax.Array:
+    """Kernel-shaped bool: the damaged entries of layer ``k``."""
+    marker = numerics.damage_marker(g)
+    if self.in_skeleton[k - 1] is not None:
+      marker = layer.view.with_in_skeleton(marker, self.in_skeleton[k - 1])
+    return jnp.isnan(marker if k == 1 else layer.view.without_free(marker))
+
+
+def _gradient_damage(
+    sk: Sequence[LayerSkeleton], grads: Arrays, g_out: Sequence[Optional[jax.Array]]
+) -> GradientDamage:
+  """``g_out[k]``: the out-skeleton gradients of layer ``k+1`` (the free
+  weights of level ``k``)."""
   n = len(sk)
   hurt: list[Optional[jax.Array]] = [None] * (n + 1)
   for k in range(n - 1, 0, -1):
-    nxt = sk[k]  # layer k+1
-    hurt[k] = numerics.damage_marker(nxt.o) + numerics.damage_marker(g_out[k])
+    hurt[k] = numerics.damage_marker(sk[k].o) + numerics.damage_marker(g_out[k])
     if hurt[k + 1] is not None:
       hurt[k] = hurt[k] + head(hurt[k + 1], hurt[k].shape[0])
-  damage = []
-  for k, (layer, g) in enumerate(zip(sk, grads), start=1):
-    marker = numerics.damage_marker(g)
-    if layer.has_own_in_skeleton:
-      own = hurt[k] + numerics.damage_marker(layer.view.in_skeleton(g))
-      marker = layer.view.with_in_skeleton(marker, own)
-    damage.append(jnp.isnan(marker if k == 1 else layer.view.without_free(marker)))
-  return damage
+  return GradientDamage(tuple(
+      NodeVector(hurt[k] + numerics.damage_marker(layer.view.in_skeleton(g)))
+      if layer.has_own_in_skeleton else None
+      for k, (layer, g) in enumerate(zip(sk, grads), start=1)
+  ))
 
 
 def path_gradients(
@@ -157,7 +174,7 @@ def path_gradients(
     kernels: Arrays,
     grads: Arrays,
     bias_grads: Biases,
-) -> tuple[list[jax.Array], list[Optional[jax.Array]], list[jax.Array]]:
+) -> tuple[list[jax.Array], list[Optional[jax.Array]], GradientDamage]:
   """The inverse chain rule of §3: ``dL/dv`` for every edge, 0 where free.
 
   A coordinate gets ``g_e / S_e``; the in-skeleton edge of hidden node
@@ -165,9 +182,9 @@ def path_gradients(
   ``phi = w g`` and ``U`` summed in one backward sweep of row sums.
 
   Returns:
-    The path gradients of the kernels and of the biases, and per layer the
-    entries damaged by non-finite gradients (:func:`_gradient_damage`), which
-    :func:`allocate` carries to the updates.
+    The path gradients of the kernels and of the biases, and the
+    :class:`GradientDamage` of ``grads``, which :func:`allocate` carries to
+    the updates.
   """
   n = len(sk)
   U: list[Optional[jax.Array]] = [None] * (n + 1)
@@ -186,7 +203,7 @@ def path_gradients(
       p = layer.view.with_in_skeleton(p, q)
     if k > 1:
       p = layer.view.without_free(p)
-    out.append(numerics.freeze(p, result=p, damage=damage[k - 1]))
+    out.append(numerics.freeze(p, result=p, damage=damage.of(k, layer, g)))
     if gb is None:
       out_bias.append(None)
     else:
@@ -202,8 +219,9 @@ def allocate(
     path_updates: Arrays,
     bias_path_updates: Biases,
     *,
-    damage: Sequence[jax.Array],
+    grads: Arrays,
     bias_grads: Biases,
+    damage: GradientDamage,
     min_ratio: Any,
     dtypes: Sequence[Any],
 ) -> tuple[list[jax.Array], list[Optional[jax.Array]]]:
@@ -212,9 +230,10 @@ def allocate(
   ``rho(k, j) = 1 + dv_s / v_s`` for an in-skeleton edge that is not free,
   inherited along free ones, built in one forward sweep as ``r = rho - 1``;
   then ``w'_e = (w_e + dv_e / S_e) / rho(k-1, i)`` and ``b' = b + dv_b / F``.
-  Free weights do not move. The updates carry the gradients' ``damage``
-  (from :func:`path_gradients`; a bias's from ``bias_grads``); ``dtypes`` are
-  the parameters' own dtypes, at whose largest finite value they saturate.
+  Free weights do not move. The updates carry the damage of the gradients
+  ``grads`` and ``bias_grads`` (``damage`` from :func:`path_gradients`);
+  ``dtypes`` are the parameters' own dtypes, at whose largest finite value
+  they saturate.
   """
   # r and 1/rho per level. A level that inherits every ratio from an equal
   # width level shares its NodeVectors, so one pinned copy serves all.
@@ -233,8 +252,9 @@ def allocate(
     r.append(NodeVector(jnp.where(layer.own_in_skeleton, ratio, cycle(r[-1], h))))
     inv_rho.append(NodeVector(1 / (1 + r[k].value)))
   out, out_bias = [], []
-  for k, (layer, w, b, gb, dv, dvb, dtype) in enumerate(
-      zip(sk, kernels, biases, bias_grads, path_updates, bias_path_updates, dtypes), start=1
+  for k, (layer, w, b, g, gb, dv, dvb, dtype) in enumerate(
+      zip(sk, kernels, biases, grads, bias_grads, path_updates, bias_path_updates, dtypes),
+      start=1,
   ):
     view = layer.view
     if k == 1:
@@ -249,7 +269,7 @@ def allocate(
     if k > 1:
       d = view.without_free(d)
     d = numerics.fit_update(d, w, dtype)
-    out.append(numerics.freeze(d, result=w + d, damage=damage[k - 1]))
+    out.append(numerics.freeze(d, result=w + d, damage=damage.of(k, layer, g)))
     if dvb is None:
       out_bias.append(None)
     else:

@@ -70,7 +70,7 @@ def _path_space_extra_args(call, skeletons, values, extra_args):
       dv = jax.tree_util.tree_map(jnp.subtract, new_values, values)
       zeros = [jnp.zeros_like(u) for u in call.updates]
       healthy = {
-          geometry.chain: [jnp.zeros(layer.shape, bool) for layer in geometry.layers]
+          geometry.chain: paths_lib.GradientDamage((None,) * len(geometry.layers))
           for geometry in call.structure.chains
       }
       updates = _allocate(
@@ -119,8 +119,8 @@ def _allocate(call, skeletons, damages, grad_leaves, dv_leaves, min_ratio):
   return chain_transform.map_chains(
       call.structure,
       lambda g, w, grads, dv: paths_lib.allocate(
-          skeletons[g.chain], *w, *dv, damage=damages[g.chain],
-          bias_grads=grads[1], min_ratio=min_ratio, dtypes=call.param_dtypes(g),
+          skeletons[g.chain], *w, *dv, grads=grads[0], bias_grads=grads[1],
+          damage=damages[g.chain], min_ratio=min_ratio, dtypes=call.param_dtypes(g),
       ),
       [call.params, grad_leaves, dv_leaves],
       call.updates,
