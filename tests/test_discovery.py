@@ -598,3 +598,62 @@ def test_summary_and_spec_behaviour():
   assert pickle.loads(pickle.dumps(spec)) == spec
   assert ecopt.g_space_dim(params, spec) == spec.structure.dim
   hash(spec)
+
+
+# ---------------------------------------------------- training-mode calls ---
+
+
+class _TrainNet(nn.Module):
+  """Dense -> BatchNorm(axis_name) -> ReLU -> Dropout -> Dense."""
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Dense(6)(x)
+    x = nn.BatchNorm(use_running_average=not train, axis_name="batch")(x)
+    x = nn.Dropout(0.5, deterministic=not train)(nn.relu(x))
+    return nn.Dense(2)(x)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"train": False},
+        {"train": True, "mutable": ["batch_stats"], "rngs": {"dropout": jax.random.key(1)}},
+        {"train": True},  # mutable and the dropout stream are added
+    ],
+    ids=["eval", "train", "train_bare"],
+)
+def test_linen_training_call_with_axis_name_dropout_and_mutable(kwargs):
+  model, x = _TrainNet(), _x((5, 3))
+  variables = _linen(model, x, False)
+  spec = infer_spec(model.apply, variables, x, **kwargs)
+  assert tuple(spec) == (ecopt.Chain("BatchNorm_0", "Dense_1"),)
+  verify_spec(model.apply, variables, spec, x, **kwargs)
+
+
+def test_reasons_name_the_real_cause():
+  """A linear level, a normalisation's statistics, and a softmax, each named."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.LayerNorm()(x)
+      h = nn.relu(nn.Dense(6)(x))
+      logits = nn.Dense(4)(h)
+      return jax.nn.softmax(logits), nn.Dense(3)(nn.LayerNorm()(logits))
+
+  model, x = Net(), _x((5, 3))
+  variables = _linen(model, x)
+  spec = infer_spec(model.apply, variables, x, require_activation=True)
+  assert tuple(spec) == (ecopt.Chain("Dense_0", "Dense_1"),)
+  why = spec.ends
+  assert "no ReLU-family activation" in why["LayerNorm_0"]
+  assert "reduced over its node axis" in why["Dense_1"]  # the softmax's max
+  assert "squared" in why["Dense_2"] or "reaches an output" in why["Dense_2"]
+  assert "require_activation" in spec.explain()
+  linear_too = infer_spec(model.apply, variables, x)
+  assert tuple(linear_too) == (
+      ecopt.Chain("LayerNorm_0", "Dense_0", "Dense_1"), ecopt.Chain("LayerNorm_1", "Dense_2"),
+  )
+  assert linear_too.kind(0).startswith("mixed") and linear_too.kind(1) == "linear"
+  assert "mixed" in str(linear_too) and "linear chain" in str(linear_too)
