@@ -61,11 +61,11 @@ FULL = dict(
         "G-Adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
         "G-SGD (paper init)": [0.001, 0.003, 0.01, 0.03, 0.1],
     },
-    # The conv nets compile and run slower: SGD against G-SGD only.
     optimizers={
         "mlp": ["SGD", "Momentum", "Path-SGD", "Adam", "G-SGD", "G-momentum",
                 "G-Adam", "G-SGD (paper init)"],
-        "conv": ["SGD", "G-SGD"],
+        "conv": ["SGD", "Momentum", "Path-SGD", "Adam", "G-SGD", "G-momentum",
+                 "G-Adam"],
     },
     g_init=G_INIT,
 )
