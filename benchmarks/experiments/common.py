@@ -11,13 +11,14 @@ Import as ``benchmarks.experiments.common`` with the repository root on
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import os
 import pathlib
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -451,12 +452,57 @@ def update_results_md(section: str, body: str) -> None:
   RESULTS_MD.write_text(text)
 
 
-def grid_table_row(name: str, res: GridResult, extra: str = "") -> str:
-  s = res.summary()
-  return (
-      f"| {name} | {s['lr']:g} | {fmt(s['train_loss_mean'], s['train_loss_std'], 4)}"
-      f" | {pct(s['test_error_mean'], s['test_error_std'])}{extra} |"
-  )
+def summary_cell(summary: dict, metric: str) -> str:
+  """A table cell: mean ± std over seeds of one metric of :meth:`GridResult.summary`.
+
+  ``metric`` is ``"train_loss"`` (4 decimals, ``diverged`` when the mean is
+  not finite) or ``"test_error"`` (in percent).
+  """
+  mean, std = summary[f"{metric}_mean"], summary[f"{metric}_std"]
+  if metric == "test_error":
+    return pct(mean, std)
+  return fmt(mean, std, 4)
+
+
+def summary_cells(summary: dict) -> list[str]:
+  """A summary's cells: chosen lr, final train loss, final test error."""
+  return [f"{summary['lr']:g}", summary_cell(summary, "train_loss"),
+          summary_cell(summary, "test_error")]
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+  """The lines of a markdown table: the header, its rule, one line per row of cells."""
+  line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"
+  return [line(header), "|" + "---|" * len(header)] + [line(row) for row in rows]
+
+
+def table_report(intro: str, table: Sequence[str], alt: str, figure: str) -> str:
+  """An experiment's markdown report: an intro paragraph, a table, its figure.
+
+  ``table`` holds the table's lines (:func:`markdown_table`); ``figure`` is
+  the image's path as RESULTS.md links it (:meth:`Invocation.figure`) and
+  ``alt`` its alt text.
+  """
+  return "\n".join([intro, "", *table, "", f"![{alt}]({figure})"])
+
+
+def chosen_rate_table(group_column: str, groups: Mapping[str, Mapping[str, dict]],
+                      grids: Mapping[str, Sequence[float]]) -> list[str]:
+  """Each optimizer's grid, chosen rate and final metrics, per group of runs.
+
+  Args:
+    group_column: the header of the first column (``"dataset"``, ...).
+    groups: ``{group: {optimizer: run}}``, each run holding its ``"summary"``.
+    grids: ``{optimizer: the learning-rate grid it was given}``.
+
+  Returns:
+    The lines of a markdown table, one row per (group, optimizer).
+  """
+  header = (group_column, "optimizer", "lr grid", "chosen lr", "final train loss",
+            "final test error")
+  rows = ([group, name, grids[name]] + summary_cells(r["summary"])
+          for group, runs in groups.items() for name, r in runs.items())
+  return markdown_table(header, rows)
 
 
 def plot_curves(
@@ -503,5 +549,137 @@ def plot_seed_curves(ax, curves, label: str, alive=None, close: str = "", **kw):
   return line
 
 
+def curve_panels(columns: int, width: float = 6.0):
+  """A figure of two rows of ``columns`` panels, train loss above test error.
+
+  Returns ``(figure, axes)``, ``axes`` shaped ``(2, columns)`` even for one
+  column; each column is ``width`` inches wide, the figure 8 high.
+  """
+  # Imported here, not at the top, so that importing this module picks no
+  # backend: the scripts select Agg before pyplot is first imported.
+  import matplotlib.pyplot as plt
+
+  return plt.subplots(2, columns, figsize=(width * columns, 8), squeeze=False)
+
+
+def save_curve_panels(fig, axes, out_path, *, legend_size: int = 8, dpi: int = 110) -> None:
+  """Finishes a :func:`curve_panels` figure, writes it to ``out_path`` and closes it.
+
+  Every panel gets an epoch axis label, a light grid and its legend.
+  """
+  import matplotlib.pyplot as plt
+
+  for ax in axes.ravel():
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=dpi)
+  plt.close(fig)
+
+
+def plot_chosen_curves(
+    columns: Mapping[str, Mapping[str, GridResult]], out_path, *,
+    style: Optional[Callable[[str], dict]] = None, title_suffix: str = "",
+    width: float = 6.0, legend_size: int = 8, dpi: int = 110,
+) -> None:
+  """Learning curves of every run at its chosen rate, one column per group.
+
+  Top row: full-train loss (log scale); bottom row: test error; each curve is
+  the mean ± std over seeds of one run (:func:`plot_curves`, which marks
+  diverged seeds). Panels are titled ``"<group>: train loss<title_suffix>"``
+  and ``"<group>: test error<title_suffix>"``.
+
+  Args:
+    columns: ``{group: {run name: GridResult}}``, in drawing order.
+    out_path: the image file to write.
+    style: ``run name -> matplotlib keywords`` of its two curves.
+    title_suffix: appended to every panel title.
+    width, legend_size, dpi: see :func:`curve_panels` and
+      :func:`save_curve_panels`.
+  """
+  fig, axes = curve_panels(len(columns), width)
+  for col, (group, runs) in enumerate(columns.items()):
+    for name, res in runs.items():
+      kw = style(name) if style is not None else {}
+      plot_curves(axes[0, col], res, name, "train_loss", **kw)
+      plot_curves(axes[1, col], res, name, "test_error", **kw)
+    axes[0, col].set_yscale("log")
+    axes[0, col].set_title(f"{group}: train loss{title_suffix}")
+    axes[1, col].set_title(f"{group}: test error{title_suffix}")
+  save_curve_panels(fig, axes, out_path, legend_size=legend_size, dpi=dpi)
+
+
 def count_params(tree) -> int:
   return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree)))
+
+
+# --------------------------------------------------------- command line ---
+
+
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+  """One command-line run of an experiment script: its arguments and its folder.
+
+  ``name`` is the results folder (under :data:`RESULTS_DIR`) and ``out`` its
+  path; ``small`` is whether the tiny settings were asked for.
+  """
+
+  args: argparse.Namespace
+  small: bool
+  name: str
+  out: pathlib.Path
+
+  def figure(self, filename: str) -> str:
+    """The path of ``out/filename`` as ``benchmarks/RESULTS.md`` links it."""
+    return f"results/{self.name}/{filename}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Where an experiment script reports: its RESULTS.md section and results folder.
+
+  The full settings write ``RESULTS_DIR/<folder>`` and rewrite the
+  ``<section>`` block of ``RESULTS.md``; the small ones write
+  ``RESULTS_DIR/<section>_small`` and report nowhere but stdout, so a smoke
+  run never overwrites a real result.
+  """
+
+  section: str
+  folder: str
+
+  def results_name(self, small: bool) -> str:
+    """The results folder of the small or full settings."""
+    return f"{self.section}_small" if small else self.folder
+
+  def main(
+      self, doc: str, report: Callable[[Invocation], str], *,
+      options: Optional[Mapping[str, dict]] = None,
+      argv: Optional[Sequence[str]] = None,
+  ) -> str:
+    """The script's command line: parses it, runs ``report``, publishes its text.
+
+    Args:
+      doc: the script's docstring; its first line is the ``--help`` text.
+      report: runs the experiment for an :class:`Invocation` and returns its
+        markdown report.
+      options: the script's own flags, ``{"--flag": add_argument keywords}``;
+        ``--small`` (or ``ECOPT_NOTEBOOK_SMALL=1``) is always there.
+      argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+      The report, which a full run also writes into its RESULTS.md section
+      and every run prints.
+    """
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="tiny settings")
+    for flag, kwargs in (options or {}).items():
+      parser.add_argument(flag, **kwargs)
+    args = parser.parse_args(argv)
+    small = args.small or small_mode()
+    name = self.results_name(small)
+    text = report(Invocation(args, small, name, RESULTS_DIR / name))
+    if not small:
+      update_results_md(self.section, text)
+    print(text)
+    return text

@@ -13,7 +13,6 @@ Usage: python benchmarks/experiments/exp1_invariant_ratio.py [--small]
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -29,6 +28,8 @@ import optax  # noqa: E402
 import ecopt  # noqa: E402
 from benchmarks.experiments import common as C  # noqa: E402
 from ecopt.zoo import linen as zl  # noqa: E402
+
+EXPERIMENT = C.Experiment("exp1", "exp1_invariant_ratio")
 
 FULL = dict(
     widths=[8, 16, 32, 64, 128, 256, 512, 1024],
@@ -119,39 +120,28 @@ def plot(results, out_dir):
 
 def table(results) -> str:
   s = results["settings"]
-  lines = [
+  intro = (
       f"Grid: SGD lr in {s['sgd_lrs']}, G-SGD lr in {s['gsgd_lrs']};"
       f" {len(s['seeds'])} seeds, {s['epochs']} epochs, batch 64. SGD starts from"
       " Flax's default init, G-SGD from `ecopt.skeleton_init` of the same draw."
-      " lr chosen per optimizer and width by the lowest mean final train loss.",
-      "",
-      "| h | H/m | SGD lr | SGD train loss | SGD test error | G-SGD lr | G-SGD train loss | G-SGD test error |",
-      "|---|---|---|---|---|---|---|---|",
-  ]
+      " lr chosen per optimizer and width by the lowest mean final train loss."
+  )
+  names = ("SGD", "G-SGD")
+  header = ["h", "H/m"] + [f"{n} {c}" for n in names for c in ("lr", "train loss", "test error")]
+  rows = []
   for h, e in results["widths"].items():
-    a, b = e["runs"]["SGD"]["summary"], e["runs"]["G-SGD"]["summary"]
-    lines.append(
-        f"| {h} | {e['ratio']:.4f} | {a['lr']:g} |"
-        f" {C.fmt(a['train_loss_mean'], a['train_loss_std'], 4)} |"
-        f" {C.pct(a['test_error_mean'], a['test_error_std'])} | {b['lr']:g} |"
-        f" {C.fmt(b['train_loss_mean'], b['train_loss_std'], 4)} |"
-        f" {C.pct(b['test_error_mean'], b['test_error_std'])} |"
-    )
-  lines.append("")
-  lines.append("![invariant ratio](results/exp1_invariant_ratio/invariant_ratio.png)")
-  return "\n".join(lines)
+    rows.append([h, f"{e['ratio']:.4f}"])
+    for n in names:
+      rows[-1] += C.summary_cells(e["runs"][n]["summary"])
+  return C.table_report(intro, C.markdown_table(header, rows), "invariant ratio",
+                        "results/exp1_invariant_ratio/invariant_ratio.png")
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--small", action="store_true", help="tiny settings")
-  args = parser.parse_args()
-  small = args.small or C.small_mode()
-  out = C.RESULTS_DIR / ("exp1_small" if small else "exp1_invariant_ratio")
-  results = run(SMALL if small else FULL, out, resume=not small)
-  if not small:
-    C.update_results_md("exp1", table(results))
-  print(table(results))
+  def report(call: C.Invocation) -> str:
+    return table(run(SMALL if call.small else FULL, call.out, resume=not call.small))
+
+  EXPERIMENT.main(__doc__, report)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Usage: python benchmarks/experiments/exp2_path_sgd.py [--small]
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -22,13 +21,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import optax  # noqa: E402
 
 import ecopt  # noqa: E402
 from benchmarks.experiments import common as C  # noqa: E402
 from ecopt.baselines import path_sgd  # noqa: E402
 from ecopt.zoo import linen as zl  # noqa: E402
+
+EXPERIMENT = C.Experiment("exp2", "exp2_path_sgd")
 
 FULL = dict(
     datasets=["digits", "mnist1d"],
@@ -123,59 +123,29 @@ def strip(results):
 
 
 def plot(results, out_path, title_suffix=""):
-  datasets = list(results["datasets"])
-  fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 8), squeeze=False)
-  for col, d in enumerate(datasets):
-    for name, r in results["datasets"][d].items():
-      style = "--" if name.startswith("G-") else "-"
-      C.plot_curves(axes[0, col], r["result"], name, "train_loss", linestyle=style)
-      C.plot_curves(axes[1, col], r["result"], name, "test_error", linestyle=style)
-    axes[0, col].set_yscale("log")
-    axes[0, col].set_title(f"{d}: train loss{title_suffix}")
-    axes[1, col].set_title(f"{d}: test error{title_suffix}")
-    for ax in axes[:, col]:
-      ax.set_xlabel("epoch")
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=110)
-  plt.close(fig)
+  """Train loss and test error per epoch at each optimizer's chosen rate, per dataset."""
+  columns = {d: {name: r["result"] for name, r in runs.items()}
+             for d, runs in results["datasets"].items()}
+  C.plot_chosen_curves(
+      columns, out_path, title_suffix=title_suffix,
+      style=lambda name: dict(linestyle="--" if name.startswith("G-") else "-"))
 
 
 def table(results, png_rel) -> str:
   s = results["settings"]
-  lines = [
-      f"{len(s['seeds'])} seeds, batch 64, hidden {s['hidden']}; epochs {s['epochs']}."
-      " lr chosen per optimizer and dataset by the lowest mean final train loss.",
-      "",
-      "| dataset | optimizer | lr grid | chosen lr | final train loss | final test error |",
-      "|---|---|---|---|---|---|",
-  ]
-  for d, runs in results["datasets"].items():
-    for name, r in runs.items():
-      x = r["summary"]
-      lines.append(
-          f"| {d} | {name} | {s['grids'][name]} | {x['lr']:g} |"
-          f" {C.fmt(x['train_loss_mean'], x['train_loss_std'], 4)} |"
-          f" {C.pct(x['test_error_mean'], x['test_error_std'])} |"
-      )
-  lines += ["", f"![curves]({png_rel})"]
-  return "\n".join(lines)
+  intro = (f"{len(s['seeds'])} seeds, batch 64, hidden {s['hidden']}; epochs {s['epochs']}."
+           " lr chosen per optimizer and dataset by the lowest mean final train loss.")
+  return C.table_report(intro, C.chosen_rate_table("dataset", results["datasets"], s["grids"]),
+                        "curves", png_rel)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--small", action="store_true", help="tiny settings")
-  args = parser.parse_args()
-  small = args.small or C.small_mode()
-  name = "exp2_small" if small else "exp2_path_sgd"
-  out = C.RESULTS_DIR / name
-  results = run(SMALL if small else FULL, out)
-  plot(results, out / "curves.png")
-  text = table(results, f"results/{name}/curves.png")
-  if not small:
-    C.update_results_md("exp2", text)
-  print(text)
+  def report(call: C.Invocation) -> str:
+    results = run(SMALL if call.small else FULL, call.out)
+    plot(results, call.out / "curves.png")
+    return table(results, call.figure("curves.png"))
+
+  EXPERIMENT.main(__doc__, report)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Usage: python benchmarks/experiments/exp3_unbalanced.py [--small]
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
@@ -23,12 +22,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import ecopt  # noqa: E402
 from benchmarks.experiments import common as C  # noqa: E402
 from benchmarks.experiments import exp2_path_sgd as exp2  # noqa: E402
+
+EXPERIMENT = C.Experiment("exp3", "exp3_unbalanced")
 
 OPTIMIZERS = ("SGD", "Path-SGD", "G-SGD")
 LOG_RANGE = 3.0
@@ -77,7 +77,7 @@ def _grid(run):
 
 def plot(balanced, unbalanced, out_path):
   datasets = list(unbalanced["datasets"])
-  fig, axes = plt.subplots(2, len(datasets), figsize=(6 * len(datasets), 8), squeeze=False)
+  fig, axes = C.curve_panels(len(datasets))
   colors = dict(zip(OPTIMIZERS, ("tab:blue", "tab:orange", "tab:green")))
   for col, d in enumerate(datasets):
     for name in unbalanced["datasets"][d]:
@@ -102,13 +102,7 @@ def plot(balanced, unbalanced, out_path):
     axes[0, col].set_title(f"{d}: train loss, balanced vs unbalanced (same lr)")
     axes[1, col].set_yscale("log")
     axes[1, col].set_title(f"{d}: max over seeds |unbalanced - balanced| / balanced")
-    for ax in axes[:, col]:
-      ax.set_xlabel("epoch")
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=110)
-  plt.close(fig)
+  C.save_curve_panels(fig, axes, out_path)
 
 
 SGD_LOW_GRID = [1e-4, 3e-4, 1e-3, 3e-3]
@@ -168,82 +162,74 @@ def checks_table(checks) -> str:
       "Float64 reruns (balanced and unbalanced, chosen rate, same seeds): max over seeds"
       " and epochs of |L_unbalanced - L_balanced| / L_balanced.",
       "",
-      "| dataset | optimizer | lr | float64 max rel. diff | float64 train loss balanced / unbalanced |",
-      "|---|---|---|---|---|",
   ]
+  rows = []
   for d, runs in checks.items():
     for name in OPTIMIZERS:
       c = runs[name]
       diff = "diverged" if c["float64_max_rel_diff"] is None else f"{c['float64_max_rel_diff']:.2e}"
-      b, u = c["float64_balanced"], c["float64_unbalanced"]
-      lines.append(
-          f"| {d} | {name} | {c['lr']:g} | {diff} |"
-          f" {C.fmt(b['train_loss_mean'], b['train_loss_std'], 4)} /"
-          f" {C.fmt(u['train_loss_mean'], u['train_loss_std'], 4)} |")
-  lines += ["", f"SGD on the unbalanced networks with a lower grid {SGD_LOW_GRID}:", "",
-            "| dataset | chosen lr | final train loss | final test error |", "|---|---|---|---|"]
-  for d, runs in checks.items():
-    x = runs["SGD low grid, unbalanced"]["summary"]
-    lines.append(f"| {d} | {x['lr']:g} | {C.fmt(x['train_loss_mean'], x['train_loss_std'], 4)} |"
-                 f" {C.pct(x['test_error_mean'], x['test_error_std'])} |")
+      losses = [C.summary_cell(c[f"float64_{k}"], "train_loss") for k in ("balanced", "unbalanced")]
+      rows.append([d, name, f"{c['lr']:g}", diff, " / ".join(losses)])
+  lines += C.markdown_table(
+      ["dataset", "optimizer", "lr", "float64 max rel. diff",
+       "float64 train loss balanced / unbalanced"], rows)
+  lines += ["", f"SGD on the unbalanced networks with a lower grid {SGD_LOW_GRID}:", ""]
+  lines += C.markdown_table(
+      ["dataset", "chosen lr", "final train loss", "final test error"],
+      ([d] + C.summary_cells(runs["SGD low grid, unbalanced"]["summary"])
+       for d, runs in checks.items()))
   return "\n".join(lines)
 
 
 def table(compare, png_rel) -> str:
-  lines = [
+  intro = (
       f"Every hidden node rescaled by e^u, u ~ U(-{LOG_RANGE:g}, {LOG_RANGE:g}), after"
       " each optimizer's own init; same seeds, data order and grids as experiment 2."
       " 'same lr' is the rate chosen on the balanced network; 'best' re-selects it on"
       " the unbalanced one. Relative difference: max over seeds and epochs of"
-      " |L_unbalanced - L_balanced| / L_balanced of the full-train loss.",
-      "",
-      "| dataset | optimizer | lr | balanced train loss | unbalanced, same lr | max rel. diff (same lr) | unbalanced, best lr | test error (balanced / unbalanced same lr) |",
-      "|---|---|---|---|---|---|---|---|",
-  ]
+      " |L_unbalanced - L_balanced| / L_balanced of the full-train loss."
+  )
+  header = ["dataset", "optimizer", "lr", "balanced train loss", "unbalanced, same lr",
+            "max rel. diff (same lr)", "unbalanced, best lr",
+            "test error (balanced / unbalanced same lr)"]
+  rows = []
   for d, runs in compare.items():
     for name, c in runs.items():
       b, u, ub = c["balanced"], c["unbalanced_same_lr"], c["unbalanced_best"]
-      lines.append(
-          f"| {d} | {name} | {c['balanced_lr']:g} |"
-          f" {C.fmt(b['train_loss_mean'], b['train_loss_std'], 4)} |"
-          f" {C.fmt(u['train_loss_mean'], u['train_loss_std'], 4)} |"
-          f" {c['max_rel_diff_at_balanced_lr']:.2e} |"
-          f" {C.fmt(ub['train_loss_mean'], ub['train_loss_std'], 4)} (lr {ub['lr']:g}) |"
-          f" {C.pct(b['test_error_mean'], b['test_error_std'])} /"
-          f" {C.pct(u['test_error_mean'], u['test_error_std'])} |"
-      )
-  lines += ["", f"![unbalanced]({png_rel})"]
-  return "\n".join(lines)
+      rows.append([
+          d, name, f"{c['balanced_lr']:g}", C.summary_cell(b, "train_loss"),
+          C.summary_cell(u, "train_loss"), f"{c['max_rel_diff_at_balanced_lr']:.2e}",
+          f"{C.summary_cell(ub, 'train_loss')} (lr {ub['lr']:g})",
+          f"{C.summary_cell(b, 'test_error')} / {C.summary_cell(u, 'test_error')}",
+      ])
+  return C.table_report(intro, C.markdown_table(header, rows), "unbalanced", png_rel)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--small", action="store_true", help="tiny settings")
-  parser.add_argument("--checks-only", action="store_true",
-                      help="reuse this experiment's results.json; run only the float64 checks")
-  args = parser.parse_args()
-  small = args.small or C.small_mode()
-  src = C.RESULTS_DIR / ("exp2_small" if small else "exp2_path_sgd") / "results.json"
-  if not src.exists():
-    raise SystemExit(f"Run experiment 2 first: {src} is missing.")
-  balanced = json.loads(src.read_text())
-  name = "exp3_small" if small else "exp3_unbalanced"
-  out = C.RESULTS_DIR / name
-  if args.checks_only:
-    saved = json.loads((out / "results.json").read_text())
-    compare = saved["comparison"]
-  else:
-    unbalanced, compare = run(balanced, out)
-    plot(balanced, unbalanced, out / "unbalanced.png")
-    saved = json.loads((out / "results.json").read_text())
-  text = table(compare, f"results/{name}/unbalanced.png")
-  if not small:
-    checks = extra_checks(balanced, compare)
-    saved["checks"] = checks
-    C.write_json(out / "results.json", saved)
-    text += "\n\n" + checks_table(checks)
-    C.update_results_md("exp3", text)
-  print(text)
+  def report(call: C.Invocation) -> str:
+    src = C.RESULTS_DIR / exp2.EXPERIMENT.results_name(call.small) / "results.json"
+    if not src.exists():
+      raise SystemExit(f"Run experiment 2 first: {src} is missing.")
+    balanced = json.loads(src.read_text())
+    out = call.out
+    if call.args.checks_only:
+      saved = json.loads((out / "results.json").read_text())
+      compare = saved["comparison"]
+    else:
+      unbalanced, compare = run(balanced, out)
+      plot(balanced, unbalanced, out / "unbalanced.png")
+      saved = json.loads((out / "results.json").read_text())
+    text = table(compare, call.figure("unbalanced.png"))
+    if not call.small:
+      checks = extra_checks(balanced, compare)
+      saved["checks"] = checks
+      C.write_json(out / "results.json", saved)
+      text += "\n\n" + checks_table(checks)
+    return text
+
+  EXPERIMENT.main(__doc__, report, options={"--checks-only": dict(
+      action="store_true",
+      help="reuse this experiment's results.json; run only the float64 checks")})
 
 
 if __name__ == "__main__":

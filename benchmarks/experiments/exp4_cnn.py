@@ -16,7 +16,6 @@ Usage: python benchmarks/experiments/exp4_cnn.py [--small]
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -25,12 +24,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import optax  # noqa: E402
 
 import ecopt  # noqa: E402
 from benchmarks.experiments import common as C  # noqa: E402
 from ecopt.zoo import linen as zl  # noqa: E402
+
+EXPERIMENT = C.Experiment("exp4", "exp4_cnn")
 
 FULL = dict(
     variants=["no BN", "BN"],
@@ -100,58 +100,27 @@ def run(settings, out_dir, progress=True, only=None):
 
 
 def plot(results, out_path):
-  variants = list(results["variants"])
-  fig, axes = plt.subplots(2, len(variants), figsize=(6 * len(variants), 8), squeeze=False)
-  for col, v in enumerate(variants):
-    for name, r in results["variants"][v].items():
-      C.plot_curves(axes[0, col], r["result"], name, "train_loss")
-      C.plot_curves(axes[1, col], r["result"], name, "test_error")
-    axes[0, col].set_yscale("log")
-    axes[0, col].set_title(f"PlainNet {v}: train loss")
-    axes[1, col].set_title(f"PlainNet {v}: test error")
-    for ax in axes[:, col]:
-      ax.set_xlabel("epoch")
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=110)
-  plt.close(fig)
+  """Train loss and test error per epoch at each optimizer's chosen rate, per variant."""
+  C.plot_chosen_curves({f"PlainNet {v}": {name: r["result"] for name, r in runs.items()}
+                        for v, runs in results["variants"].items()}, out_path)
 
 
 def table(results, png_rel):
   s = results["settings"]
-  lines = [
-      f"PlainNet channels {s['channels']}, {len(s['seeds'])} seeds, {s['epochs']} epochs,"
-      " batch 64. lr chosen per optimizer and variant by the lowest mean final train loss.",
-      "",
-      "| variant | optimizer | lr grid | chosen lr | final train loss | final test error |",
-      "|---|---|---|---|---|---|",
-  ]
-  for v, runs in results["variants"].items():
-    for name, r in runs.items():
-      x = r["summary"]
-      lines.append(
-          f"| {v} | {name} | {s['grids'][name]} | {x['lr']:g} |"
-          f" {C.fmt(x['train_loss_mean'], x['train_loss_std'], 4)} |"
-          f" {C.pct(x['test_error_mean'], x['test_error_std'])} |")
-  lines += ["", f"![cnn]({png_rel})"]
-  return "\n".join(lines)
+  intro = (f"PlainNet channels {s['channels']}, {len(s['seeds'])} seeds, {s['epochs']} epochs,"
+           " batch 64. lr chosen per optimizer and variant by the lowest mean final train loss.")
+  return C.table_report(intro, C.chosen_rate_table("variant", results["variants"], s["grids"]),
+                        "cnn", png_rel)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--small", action="store_true", help="tiny settings")
-  parser.add_argument("--only", nargs="*", help="rerun only these optimizers")
-  args = parser.parse_args()
-  small = args.small or C.small_mode()
-  name = "exp4_small" if small else "exp4_cnn"
-  out = C.RESULTS_DIR / name
-  results = run(SMALL if small else FULL, out, only=args.only)
-  plot(results, out / "cnn.png")
-  text = table(results, f"results/{name}/cnn.png")
-  if not small:
-    C.update_results_md("exp4", text)
-  print(text)
+  def report(call: C.Invocation) -> str:
+    results = run(SMALL if call.small else FULL, call.out, only=call.args.only)
+    plot(results, call.out / "cnn.png")
+    return table(results, call.figure("cnn.png"))
+
+  EXPERIMENT.main(__doc__, report, options={
+      "--only": dict(nargs="*", help="rerun only these optimizers")})
 
 
 if __name__ == "__main__":

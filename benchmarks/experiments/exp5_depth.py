@@ -23,10 +23,10 @@ Usage: python benchmarks/experiments/exp5_depth.py [--small] [--only NAME ...]
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
+from typing import Optional
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
@@ -40,6 +40,8 @@ import optax  # noqa: E402
 import ecopt  # noqa: E402
 from benchmarks.experiments import common as C  # noqa: E402
 from ecopt.zoo import linen as zl  # noqa: E402
+
+EXPERIMENT = C.Experiment("exp5", "exp5_depth")
 
 # skeleton_init keywords of the G-space runs (experiment 6's choice).
 G_INIT = dict(mode="variance", keep_sign=True)
@@ -270,6 +272,22 @@ def plot(results, out_dir: pathlib.Path):
   plt.close(fig)
 
 
+def _depth_cell(entry: Optional[dict]) -> str:
+  """A depth table's cell: final train loss / test error (%) at the chosen rate.
+
+  ``entry`` is one optimizer's saved grid at one depth; None if not run (empty cell).
+  """
+  if entry is None:
+    return ""
+  x = entry["summary"]
+  if not np.isfinite(x["train_loss_mean"]):
+    return f"diverged (lr {x['lr']:g})"
+  star = "*" if entry["edge"] else ""
+  return (f"{x['train_loss_mean']:.3g} ± {x['train_loss_std']:.2g} /"
+          f" {100 * x['test_error_mean']:.1f} ± {100 * x['test_error_std']:.1f}"
+          f" (lr {x['lr']:g}{star})")
+
+
 def table(results, png_rel: str) -> str:
   s = results["settings"]
   lines = [
@@ -284,36 +302,20 @@ def table(results, png_rel: str) -> str:
   for d in s["datasets"]:
     for a in s["depths"]:
       depths = s["depths"][a]
-      lines += [f"**{d}, {a}**", "",
-                "| optimizer | " + " | ".join(f"depth {x}" for x in depths) + " |",
-                "|---|" + "---|" * len(depths)]
-      for name in s["optimizers"][a]:
-        cells = []
-        for depth in depths:
-          r = results["runs"].get(key_of(d, a, depth), {}).get(name)
-          if r is None:
-            cells.append("")
-            continue
-          x = r["summary"]
-          if not np.isfinite(x["train_loss_mean"]):
-            cells.append(f"diverged (lr {x['lr']:g})")
-            continue
-          star = "*" if r["edge"] else ""
-          cells.append(
-              f"{x['train_loss_mean']:.3g} ± {x['train_loss_std']:.2g} /"
-              f" {100 * x['test_error_mean']:.1f} ± {100 * x['test_error_std']:.1f}"
-              f" (lr {x['lr']:g}{star})"
-          )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+      rows = [[name] + [_depth_cell(results["runs"].get(key_of(d, a, depth), {}).get(name))
+                        for depth in depths]
+              for name in s["optimizers"][a]]
+      lines += [f"**{d}, {a}**", ""]
+      lines += C.markdown_table(["optimizer"] + [f"depth {x}" for x in depths], rows)
       lines.append("")
-  counts = verdicts(results)
   lines += ["Verdicts (G-space optimizer against its weight-space twin, per setting;"
-            " 'wins' when the ±1 std bands over seeds do not overlap):", "",
-            "| pair | train loss: wins / ties / loses | test error: wins / ties / loses |",
-            "|---|---|---|"]
-  for pair, v in counts.items():
-    cnt = lambda rows: " / ".join(str(sum(x == k for _, x in rows)) for k in ("wins", "ties", "loses"))
-    lines.append(f"| {pair} | {cnt(v['train_loss'])} | {cnt(v['test_error'])} |")
+            " 'wins' when the ±1 std bands over seeds do not overlap):", ""]
+  cnt = lambda rows: " / ".join(str(sum(x == k for _, x in rows))
+                                for k in ("wins", "ties", "loses"))
+  lines += C.markdown_table(
+      ["pair", "train loss: wins / ties / loses", "test error: wins / ties / loses"],
+      ([pair, cnt(v["train_loss"]), cnt(v["test_error"])]
+       for pair, v in verdicts(results).items()))
   edges = [(k, n, r["edge"]) for k, runs in results["runs"].items()
            for n, r in runs.items() if r["edge"]]
   lines += ["", "Rates still at a grid edge after widening: "
@@ -323,20 +325,15 @@ def table(results, png_rel: str) -> str:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--small", action="store_true", help="tiny settings")
-  parser.add_argument("--only", nargs="*", help="rerun these optimizers")
-  parser.add_argument("--optimizers", nargs="*", help="run only these optimizers")
-  args = parser.parse_args()
-  small = args.small or C.small_mode()
-  name = "exp5_small" if small else "exp5_depth"
-  out = C.RESULTS_DIR / name
-  results = run(SMALL if small else FULL, out, only=args.only, names=args.optimizers)
-  plot(results, out)
-  text = table(results, f"results/{name}/depth.png")
-  if not small:
-    C.update_results_md("exp5", text)
-  print(text)
+  def report(call: C.Invocation) -> str:
+    results = run(SMALL if call.small else FULL, call.out, only=call.args.only,
+                  names=call.args.optimizers)
+    plot(results, call.out)
+    return table(results, call.figure("depth.png"))
+
+  EXPERIMENT.main(__doc__, report, options={
+      "--only": dict(nargs="*", help="rerun these optimizers"),
+      "--optimizers": dict(nargs="*", help="run only these optimizers")})
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Usage: python benchmarks/experiments/exp6_init.py [--small]
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -34,13 +33,14 @@ import matplotlib
 matplotlib.use("Agg")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import ecopt  # noqa: E402
 from benchmarks.experiments import common as C  # noqa: E402
 from ecopt.zoo import linen as zl  # noqa: E402
+
+EXPERIMENT = C.Experiment("exp6", "exp6_init")
 
 INITS = {
     "paper": dict(mode="paper", keep_sign=False),
@@ -144,64 +144,44 @@ def run(settings, out_dir: pathlib.Path, progress=True):
 
 
 def plot(settings, grids, out_path):
-  models = list(settings["models"])
-  fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 8), squeeze=False)
+  """Train loss and test error per epoch of every run at its chosen rate, per model."""
   colors = {name: f"C{i}" for i, name in enumerate(runs_of())}  # same run, same colour
-  for col, m in enumerate(models):
-    for run_name in settings["models"][m].get("runs", list(runs_of())):
-      res = grids[m, run_name]
-      style = dict(linestyle="-" if run_name.startswith("G-") else ":", color=colors[run_name])
-      C.plot_curves(axes[0, col], res, run_name, "train_loss", **style)
-      C.plot_curves(axes[1, col], res, run_name, "test_error", **style)
-    axes[0, col].set_yscale("log")
-    axes[0, col].set_title(f"{m}: train loss")
-    axes[1, col].set_title(f"{m}: test error")
-    for ax in axes[:, col]:
-      ax.set_xlabel("epoch")
-      ax.grid(alpha=0.3)
-      ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
+  columns = {m: {r: grids[m, r] for r in spec.get("runs", list(runs_of()))}
+             for m, spec in settings["models"].items()}
+  C.plot_chosen_curves(
+      columns, out_path, width=5.5, legend_size=7, dpi=100,
+      style=lambda r: dict(linestyle="-" if r.startswith("G-") else ":", color=colors[r]))
 
 
 def table(settings, results, png_rel) -> str:
-  lines = [
+  intro = (
       f"{len(settings['seeds'])} seeds, batch 64, epochs {settings['epochs']}; every init"
       " applied to Flax's default draw; lr per run from its grid (widened until interior)"
-      " by the lowest mean final train loss; `*`: still at an edge.",
-      "",
-      "| model | run | chosen lr (grid) | initial loss | max initial logit | loss after 2 epochs | final train loss | final test error |",
-      "|---|---|---|---|---|---|---|---|",
-  ]
+      " by the lowest mean final train loss; `*`: still at an edge."
+  )
+  header = ["model", "run", "chosen lr (grid)", "initial loss", "max initial logit",
+            "loss after 2 epochs", "final train loss", "final test error"]
+  rows = []
   for m, runs in results.items():
     for run_name, r in runs.items():
-      x = r["summary"]
-      grid = r["grid"]["lrs"]
-      lines.append(
-          f"| {m} | {run_name} | {x['lr']:g}{'*' if r['edge'] else ''} ({grid[0]:g}-{grid[-1]:g})"
-          f" | {r['initial_loss']:.3g} | {r['max_initial_logit']:.3g} | {r['loss_epoch_2']:.3g}"
-          f" | {C.fmt(x['train_loss_mean'], x['train_loss_std'], 4)}"
-          f" | {C.pct(x['test_error_mean'], x['test_error_std'])} |"
-      )
-  lines += ["", f"![init]({png_rel})"]
-  return "\n".join(lines)
+      x, grid = r["summary"], r["grid"]["lrs"]
+      rows.append([
+          m, run_name, f"{x['lr']:g}{'*' if r['edge'] else ''} ({grid[0]:g}-{grid[-1]:g})",
+          f"{r['initial_loss']:.3g}", f"{r['max_initial_logit']:.3g}",
+          f"{r['loss_epoch_2']:.3g}", C.summary_cell(x, "train_loss"),
+          C.summary_cell(x, "test_error"),
+      ])
+  return C.table_report(intro, C.markdown_table(header, rows), "init", png_rel)
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--small", action="store_true", help="tiny settings")
-  args = parser.parse_args()
-  small = args.small or C.small_mode()
-  name = "exp6_small" if small else "exp6_init"
-  out = C.RESULTS_DIR / name
-  settings = SMALL if small else FULL
-  results, grids = run(settings, out)
-  plot(settings, grids, out / "init.png")
-  text = table(settings, results, f"results/{name}/init.png")
-  if not small:
-    C.update_results_md("exp6", text)
-  print(text)
+  def report(call: C.Invocation) -> str:
+    settings = SMALL if call.small else FULL
+    results, grids = run(settings, call.out)
+    plot(settings, grids, call.out / "init.png")
+    return table(settings, results, call.figure("init.png"))
+
+  EXPERIMENT.main(__doc__, report)
 
 
 if __name__ == "__main__":
