@@ -638,3 +638,27 @@ def test_weight_update_overflow_freezes_the_entry():
   assert leaves_finite(updates)
   assert updates["l2"]["kernel"][1, 0] == 0.0
   np.testing.assert_allclose(updates["l2"]["kernel"][2, 1], 1e-9 / 1e-30, rtol=1e-5)
+
+
+def test_nan_gradient_is_repaired_before_g_space_not_inside():
+  """Damage is read from the gradients: an inner ``zero_nans`` cannot hide it."""
+  params = {"l0": {"kernel": jnp.full((3, 4), 0.5), "bias": jnp.zeros(4)},
+            "l1": {"kernel": jnp.full((4, 2), 0.5), "bias": jnp.zeros(2)}}
+  spec = ecopt.Chain("l0", "l1")
+  grads = jax.tree.map(jnp.ones_like, params)
+  bad = jax.tree.map(lambda a: a, grads)
+  bad["l0"]["kernel"] = grads["l0"]["kernel"].at[1, 2].set(jnp.nan)
+
+  inside = ecopt.g_space(optax.chain(optax.zero_nans(), optax.sgd(0.1)), spec)
+  updates, _ = inside.update(bad, inside.init(params), params)
+  nan = jnp.isnan(updates["l0"]["kernel"])
+  assert bool(nan[1, 2]) and int(nan.sum()) == 1
+  assert leaves_finite(updates["l1"])
+
+  before = optax.chain(optax.zero_nans(), ecopt.g_sgd(0.1, spec))
+  updates, _ = jax.jit(before.update)(bad, before.init(params), params)
+  cleaned = jax.tree.map(lambda a: a, grads)
+  cleaned["l0"]["kernel"] = grads["l0"]["kernel"].at[1, 2].set(0.0)
+  plain = ecopt.g_sgd(0.1, spec)
+  expected, _ = plain.update(cleaned, plain.init(params), params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates, expected)
