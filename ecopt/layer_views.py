@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ecopt.structure import LayerGeometry
+from ecopt.layer_geometry import LayerGeometry
 
 
 def materialize(x: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ from ecopt import numerics
 from ecopt import paths as paths_lib
 from ecopt import spec as spec_lib
 from ecopt import structure as structure_lib
+from ecopt.params_layout import ParamsLayout
 
 class GSpaceState(NamedTuple):
   """State of :func:`g_space`.
@@ -23,14 +24,14 @@ class GSpaceState(NamedTuple):
     inner_state: the state of the inner transformation, which lives in path
       space (e.g. SGD momentum of path gradients).
     layout: the leaf paths and shapes of the params seen at ``init``
-      (:class:`ecopt.structure.ParamsLayout`), so ``update`` can report a
+      (:class:`ecopt.params_layout.ParamsLayout`), so ``update`` can report a
       params tree that changed since. Static pytree metadata with no leaves:
       checkpointing (orbax, ``flax.serialization``) restores it from the
       target state.
   """
 
   inner_state: optax.OptState
-  layout: structure_lib.ParamsLayout
+  layout: ParamsLayout
 
 
 def _check_state(state: Any, structure: structure_lib.Structure) -> None:
@@ -42,7 +43,7 @@ def _check_state(state: Any, structure: structure_lib.Structure) -> None:
         " `target=` / flax.serialization.from_state_dict(opt.init(params),"
         " ...)), and another optimizer's state cannot be reused."
     )
-  if not isinstance(state.layout, structure_lib.ParamsLayout):
+  if not isinstance(state.layout, ParamsLayout):
     raise ValueError(
         "GSpaceState.layout is not a ParamsLayout (got"
         f" {type(state.layout).__name__}); build the state with the"
@@ -211,7 +212,7 @@ def g_space(
   def init_fn(params):
     structure = structure_lib.resolve(params, chains)
     values = basis.basis_path_values(params, chains)
-    return GSpaceState(inner.init(values), structure_lib.ParamsLayout.of(structure))
+    return GSpaceState(inner.init(values), ParamsLayout.of(structure))
 
   def update_fn(updates, state, params=None, **extra_args):
     call = chain_transform.open_update(chains, updates, params, "ecopt.g_space")
