@@ -9,7 +9,9 @@ Path-SGD, Adam) start from He initialisation (Flax's LeCun-normal kernels
 times sqrt 2; LeCun's own init vanishes with depth: logits of 2e-5 at depth
 32); the G-space ones (G-SGD, G-momentum, G-Adam) from ``ecopt.skeleton_init``
 of the same draw, with the mode given in ``G_INIT`` (see experiment 6), and
-G-SGD also from the paper's mode as a reference.
+G-SGD also from the paper's mode as a reference. On the conv nets momentum and
+Adam also run from the G-space runs' init ("G init"), which separates what the
+init does from what the optimizer does.
 
 Every (optimizer, depth, arch, dataset) is one jit: ``lax.scan`` over an
 epoch's steps, ``jax.vmap`` over learning rates x seeds (``lax.map`` for the
@@ -48,7 +50,7 @@ G_INIT = dict(mode="variance", keep_sign=True)
 
 FULL = dict(
     datasets=["mnist1d", "digits"],
-    depths={"mlp": [4, 8, 16, 32], "conv": [4, 8, 16]},
+    depths={"mlp": [4, 8, 16, 32], "conv": [4, 8, 16, 32]},
     width={"mlp": 32, "conv": 16},
     seeds=list(range(5)),
     epochs={"mnist1d": 6, "digits": 12},
@@ -62,12 +64,14 @@ FULL = dict(
         "G-momentum": [0.0003, 0.001, 0.003, 0.01, 0.03],
         "G-Adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
         "G-SGD (paper init)": [0.001, 0.003, 0.01, 0.03, 0.1],
+        "Momentum (G init)": [0.0003, 0.001, 0.003, 0.01, 0.03],
+        "Adam (G init)": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     },
     optimizers={
         "mlp": ["SGD", "Momentum", "Path-SGD", "Adam", "G-SGD", "G-momentum",
                 "G-Adam", "G-SGD (paper init)"],
         "conv": ["SGD", "Momentum", "Path-SGD", "Adam", "G-SGD", "G-momentum",
-                 "G-Adam"],
+                 "G-Adam", "Momentum (G init)", "Adam (G init)"],
     },
     g_init=G_INIT,
 )
@@ -83,8 +87,10 @@ SMALL = dict(
     g_init=G_INIT,
 )
 
-# Pairs compared in the verdicts: G-space optimizer and its weight-space twin.
-PAIRS = (("G-SGD", "SGD"), ("G-momentum", "Momentum"), ("G-Adam", "Adam"))
+# Pairs compared in the verdicts: G-space optimizer and its weight-space twin,
+# from He init and (the "G init" controls) from the G-space runs' own init.
+PAIRS = (("G-SGD", "SGD"), ("G-momentum", "Momentum"), ("G-Adam", "Adam"),
+         ("G-momentum", "Momentum (G init)"), ("G-Adam", "Adam (G init)"))
 
 
 def optimizers(spec, g_init):
@@ -103,6 +109,8 @@ def optimizers(spec, g_init):
       "G-momentum": (lambda lr: ecopt.g_sgd(lr, spec, momentum=0.9), skel),
       "G-Adam": (lambda lr: g_adam(lr, spec), skel),
       "G-SGD (paper init)": (lambda lr: ecopt.g_sgd(lr, spec), paper),
+      "Momentum (G init)": (lambda lr: optax.sgd(lr, momentum=0.9), skel),
+      "Adam (G init)": (lambda lr: optax.adam(lr), skel),
   }
 
 
@@ -140,10 +148,12 @@ def run(settings, out_dir: pathlib.Path, progress=True, only=None, names=None):
 
   path = out_dir / "results.json"
   previous = C.json.loads(path.read_text()) if path.exists() else {}
-  # Finished grids are reused when what they were run with is unchanged.
-  same = lambda a, b: {k: v for k, v in a.items() if k not in ("depths", "optimizers")} == {
-      k: v for k, v in b.items() if k not in ("depths", "optimizers")}
-  runs = previous.get("runs", {}) if same(previous.get("settings", {}), settings) else {}
+  # A finished grid is reused when what it was run with is unchanged: the
+  # shared settings and its optimizer's own grid.
+  shared = lambda s: {k: v for k, v in s.items() if k not in ("depths", "optimizers", "grids")}
+  old = previous.get("settings", {})
+  runs = previous.get("runs", {}) if shared(old) == shared(settings) else {}
+  stale = {n for n, g in settings["grids"].items() if old.get("grids", {}).get(n) != g}
   # Shallow settings first, so an interrupted run has the cheap ones.
   jobs = sorted(
       ((d, a, depth, name)
@@ -156,7 +166,7 @@ def run(settings, out_dir: pathlib.Path, progress=True, only=None, names=None):
   start = time.time()
   for d, a, depth, name in tqdm(jobs, desc="exp5", disable=not progress):
     key = key_of(d, a, depth)
-    if name in runs.get(key, {}) and not (only and name in only):
+    if name in runs.get(key, {}) and name not in stale and not (only and name in only):
       continue
     if (d, a) not in cache:
       cache[d, a] = load(d, a)
@@ -247,8 +257,9 @@ def plot(results, out_dir: pathlib.Path):
           xs.append(depth)
           mean.append(m)
           std.append(sd)
-        style = "--" if name.startswith("G-") else "-"
-        marker = "s" if name.startswith("G-") else "o"
+        control = name.endswith("(G init)")
+        style = "--" if name.startswith("G-") else ":" if control else "-"
+        marker = "s" if name.startswith("G-") else "^" if control else "o"
         ax.errorbar(xs, mean, yerr=std, linestyle=style, marker=marker, capsize=3,
                     color=colors[name], label=name, ms=4)
         if dead:  # every rate diverged: marked at the top of the panel
@@ -262,7 +273,12 @@ def plot(results, out_dir: pathlib.Path):
       ax.set_xticks(depths, [str(x) for x in depths])
       ax.set_xlabel("depth (weight layers)")
       ax.grid(alpha=0.3)
-  axes[0, 0].legend(fontsize=7)
+  # One legend for all panels: the conv panels have optimizers the MLP ones lack.
+  handles = {}
+  for ax in axes.flat:
+    for h, label in zip(*ax.get_legend_handles_labels()):
+      handles.setdefault(label, h)
+  axes[0, 0].legend(handles.values(), handles.keys(), fontsize=7)
   fig.suptitle(
       f"Plain ReLU nets without skips or BN; mean ± std over {len(s['seeds'])} seeds at each"
       " optimizer's chosen rate (x at the top: every seed diverged at every rate)"
