@@ -9,9 +9,9 @@ Path-SGD, Adam) start from He initialisation (Flax's LeCun-normal kernels
 times sqrt 2; LeCun's own init vanishes with depth: logits of 2e-5 at depth
 32); the G-space ones (G-SGD, G-momentum, G-Adam) from ``ecopt.skeleton_init``
 of the same draw, with the mode given in ``G_INIT`` (see experiment 6), and
-G-SGD also from the paper's mode as a reference. On the conv nets momentum and
-Adam also run from the G-space runs' init ("G init"), which separates what the
-init does from what the optimizer does.
+G-SGD also from the paper's mode as a reference. SGD, momentum and Adam also
+run from the G-space runs' init ("G init"), which separates what the init does
+from what the optimizer does.
 
 Every (optimizer, depth, arch, dataset) is one jit: ``lax.scan`` over an
 epoch's steps, ``jax.vmap`` over learning rates x seeds (``lax.map`` for the
@@ -64,14 +64,16 @@ FULL = dict(
         "G-momentum": [0.0003, 0.001, 0.003, 0.01, 0.03],
         "G-Adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
         "G-SGD (paper init)": [0.001, 0.003, 0.01, 0.03, 0.1],
+        "SGD (G init)": [0.003, 0.01, 0.03, 0.1, 0.3],
         "Momentum (G init)": [0.0003, 0.001, 0.003, 0.01, 0.03],
         "Adam (G init)": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
     },
     optimizers={
         "mlp": ["SGD", "Momentum", "Path-SGD", "Adam", "G-SGD", "G-momentum",
-                "G-Adam", "G-SGD (paper init)"],
+                "G-Adam", "G-SGD (paper init)", "SGD (G init)", "Momentum (G init)",
+                "Adam (G init)"],
         "conv": ["SGD", "Momentum", "Path-SGD", "Adam", "G-SGD", "G-momentum",
-                 "G-Adam", "Momentum (G init)", "Adam (G init)"],
+                 "G-Adam", "SGD (G init)", "Momentum (G init)", "Adam (G init)"],
     },
     g_init=G_INIT,
 )
@@ -90,7 +92,8 @@ SMALL = dict(
 # Pairs compared in the verdicts: G-space optimizer and its weight-space twin,
 # from He init and (the "G init" controls) from the G-space runs' own init.
 PAIRS = (("G-SGD", "SGD"), ("G-momentum", "Momentum"), ("G-Adam", "Adam"),
-         ("G-momentum", "Momentum (G init)"), ("G-Adam", "Adam (G init)"))
+         ("G-SGD", "SGD (G init)"), ("G-momentum", "Momentum (G init)"),
+         ("G-Adam", "Adam (G init)"))
 
 
 def optimizers(spec, g_init):
@@ -109,6 +112,7 @@ def optimizers(spec, g_init):
       "G-momentum": (lambda lr: ecopt.g_sgd(lr, spec, momentum=0.9), skel),
       "G-Adam": (lambda lr: g_adam(lr, spec), skel),
       "G-SGD (paper init)": (lambda lr: ecopt.g_sgd(lr, spec), paper),
+      "SGD (G init)": (lambda lr: optax.sgd(lr), skel),
       "Momentum (G init)": (lambda lr: optax.sgd(lr, momentum=0.9), skel),
       "Adam (G init)": (lambda lr: optax.adam(lr), skel),
   }
