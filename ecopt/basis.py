@@ -280,9 +280,11 @@ def canonicalize(params: Params, spec: spec_lib.Spec) -> Params:
   function and every basis-path value are unchanged. A free weight that is
   exactly zero cannot be normalised; its node is left unscaled.
 
-  Note that canonicalization does not change the skeleton products ``S_e``
-  that set G-SGD's effective step size (they are invariant); the paper's
-  initialisation, :func:`skeleton_init`, does.
+  Canonicalization does not change G-SGD's steps relative to the weights: a
+  node scaling moves each skeleton product ``S_e`` by the inverse of its
+  weight's factor, and in canonical form ``S_e`` is, up to sign, an
+  all-skeleton path value, which no scaling changes. The paper's
+  initialisation, :func:`skeleton_init`, changes those values.
 
   Example:
     >>> import jax.numpy as jnp, ecopt

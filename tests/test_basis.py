@@ -87,3 +87,41 @@ def test_scale_nodes_is_function_preserving_and_validates_shapes():
   assert nets.rel_err(nets.mlp_apply(scaled, x, 2), nets.mlp_apply(params, x, 2)) < 1e-14
   with pytest.raises(ValueError, match="level 1"):
     ecopt.scale_nodes(params, spec, [[jnp.ones(3)]])
+
+
+@pytest.mark.parametrize("widths", ARCHS, ids=str)
+def test_canonicalize_moves_skeleton_products_not_g_sgd_relative_steps(widths):
+  """Why canonicalize cannot stand in for skeleton_init (docs/g-space.md section 7).
+
+  A node scaling multiplies ``S_e = v_e / w_e`` of an edge ``i -> j`` by
+  ``c_i / c_j``, so the skeleton products move; but G-SGD's step relative to
+  each weight does not. In canonical form ``S_e`` is, up to sign, the
+  all-skeleton path value through ``i`` (the in-skeleton coordinate of ``i``;
+  1 in the first layer), which no scaling changes.
+  """
+  n = len(widths) - 1
+  params = nets.mlp_params(jax.random.key(3), widths)
+  spec = nets.mlp_spec(widths)
+  x, y = nets.data(jax.random.key(4), widths[0], widths[-1])
+  values = jax.jit(lambda p: ecopt.basis_path_values(p, spec))
+  opt = ecopt.g_sgd(0.05, spec)
+
+  @jax.jit
+  def relative_step(p):
+    grads = jax.grad(nets.mse_loss)(p, x, y, n)
+    updates, _ = opt.update(grads, opt.init(p), p)
+    return jax.tree.map(lambda u, w: u / w, updates, p)
+
+  canon = ecopt.canonicalize(params, spec)
+  products = lambda p: [np.asarray(values(p)[f"l{k}"]["kernel"] / p[f"l{k}"]["kernel"])
+                        for k in range(n)]
+  s_params, s_canon = products(params), products(canon)
+  assert max(np.abs(a - b).max() / np.abs(b).max() for a, b in zip(s_params, s_canon)) > 1e-2
+  assert nets.tree_rel_err(relative_step(canon), relative_step(params)) < 1e-10
+  v = values(canon)
+  np.testing.assert_allclose(np.abs(s_canon[0]), 1.0, rtol=1e-13)
+  for k in range(1, n):
+    in_skeleton = np.asarray(v[f"l{k - 1}"]["kernel"])[
+        np.arange(widths[k]) % widths[k - 1], np.arange(widths[k])]
+    np.testing.assert_allclose(np.abs(s_canon[k]), np.abs(in_skeleton)[:, None] * np.ones(widths[k + 1]),
+                               rtol=1e-12)
