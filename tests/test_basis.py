@@ -123,5 +123,5 @@ def test_canonicalize_moves_skeleton_products_not_g_sgd_relative_steps(widths):
   for k in range(1, n):
     in_skeleton = np.asarray(v[f"l{k - 1}"]["kernel"])[
         np.arange(widths[k]) % widths[k - 1], np.arange(widths[k])]
-    np.testing.assert_allclose(np.abs(s_canon[k]), np.abs(in_skeleton)[:, None] * np.ones(widths[k + 1]),
-                               rtol=1e-12)
+    expected = np.abs(in_skeleton)[:, None] * np.ones(widths[k + 1])
+    np.testing.assert_allclose(np.abs(s_canon[k]), expected, rtol=1e-12)
