@@ -196,9 +196,9 @@ def train(args, data, model_name: str, opt_name: str, log=print) -> dict[str, An
   # One jitted step per batch, not a lax.scan over the epoch: XLA:CPU runs
   # convolutions inside a loop body about 40x slower (jax-ml/jax#12868).
   @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-  def step(params, state, opt_state, images, labels, k):
-    x = prep(augment(k, images))
-    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, labels)
+  def step(params, state, opt_state, x_all, y_all, idx, k):
+    x = prep(augment(k, x_all[idx]))
+    (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y_all[idx])
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), state, opt_state, loss
 
@@ -212,8 +212,8 @@ def train(args, data, model_name: str, opt_name: str, log=print) -> dict[str, An
     order, keys = epoch_plan(e)
     losses = []
     for i in range(steps):
-      params, state, opt_state, loss = step(params, state, opt_state, x_tr[order[i]],
-                                            y_tr[order[i]], keys[i])
+      params, state, opt_state, loss = step(params, state, opt_state, x_tr, y_tr, order[i],
+                                            keys[i])
       losses.append(loss)
     return params, state, opt_state, jnp.mean(jnp.stack(losses))
 
